@@ -1,0 +1,61 @@
+"""Composition root of the command service: engine, handlers, relay and gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from command_service.handlers import CommandHandlers
+from command_service.outbox import OutboxRelay
+from command_service.schema import metadata
+from command_service.service import CommandService
+from orders import db
+from orders.config import Settings
+from orders.grpc_server import create_server, set_serving
+from orders.runtime import configure_logging, stop_event
+from orders.v1 import commands_pb2, commands_pb2_grpc
+
+log = logging.getLogger("command_service")
+SERVICE_NAME = commands_pb2.DESCRIPTOR.services_by_name["CommandService"].full_name
+
+
+async def serve(settings: Settings) -> None:
+    stop = stop_event()
+    engine = db.create_engine(settings.write_database_url, settings.db_pool_size, "orders-command")
+    relay = OutboxRelay(settings)
+    handlers = CommandHandlers(engine, on_commit=relay.wake)
+    server, port, health = create_server(
+        settings.command_addr,
+        lambda s: commands_pb2_grpc.add_CommandServiceServicer_to_server(CommandService(handlers), s),
+        [SERVICE_NAME],
+    )
+    await server.start()
+    await set_serving(health, [SERVICE_NAME], True)
+    relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+    host = settings.command_addr.rpartition(":")[0]
+    log.info("CommandService listening on %s:%d", host, port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping: no new calls, finishing in-flight ones")
+        await set_serving(health, [SERVICE_NAME], False)
+        await server.stop(grace=5)
+        relay_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay_task
+        await engine.dispose()
+
+
+async def migrate(settings: Settings) -> None:
+    await db.create_schema(settings.write_database_url, metadata)
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

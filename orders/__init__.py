@@ -1,0 +1,1 @@
+"""Shared code of the order system: contracts, settings, database and JetStream plumbing, CLI."""

@@ -1,0 +1,396 @@
+"""The `orders` command: run the services or the local stack, set up schemas, and call every RPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from orders.config import ConfigError, Settings, describe
+
+# ---- services and local stack -------------------------------------------------------------------
+
+
+def _run_module(module: str) -> Callable[[argparse.Namespace, Settings], int]:
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        import importlib
+
+        importlib.import_module(f"{module}.__main__").main()
+        return 0
+
+    return run
+
+
+async def _migrate(settings: Settings) -> None:
+    from command_service.__main__ import migrate as migrate_write
+    from projector.__main__ import migrate as migrate_read
+
+    await migrate_write(settings)
+    await migrate_read(settings)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    asyncio.run(_migrate(settings))
+    print("schemas of the write and read databases are up to date")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    """Start PostgreSQL, NATS and the three services; stop everything on Ctrl-C or SIGTERM."""
+    from orders import local_stack
+
+    data_dir = Path(args.data_dir)
+    started: list[local_stack.ManagedProcess] = []
+    infra: list[Any] = []
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        if args.external:
+            print(f"using PostgreSQL {settings.write_database_url} / {settings.read_database_url}")
+            print(f"using NATS {settings.nats_url}")
+        else:
+            print(f"starting PostgreSQL and NATS (data in {data_dir.resolve()}) …", flush=True)
+            pg = local_stack.start_postgres(data_dir / "postgres")
+            infra.append(pg)
+            nats = local_stack.start_nats(data_dir / "nats")
+            infra.append(nats)
+            settings = Settings(
+                **{**settings.__dict__, "write_database_url": pg.url("orders_write"),
+                   "read_database_url": pg.url("orders_read"), "nats_url": nats.url}
+            )
+            print(f"PostgreSQL  {pg.url('')}  (pid {pg.process.pid})")
+            print(f"NATS        {nats.url}  (pid {nats.process.pid}, JetStream)")
+        asyncio.run(_migrate(settings))
+        env = settings.to_env()
+        for module in local_stack.SERVICES:
+            started.append(local_stack.start_service(module, env, data_dir / "logs"))
+        for address in (settings.command_addr, settings.query_addr):
+            local_stack.wait_until(
+                lambda a=address: _serving_or_dead(a, started), 60, f"gRPC health SERVING on {address}"
+            )
+        print(f"CommandService  {settings.command_addr}")
+        print(f"QueryService    {settings.query_addr}")
+        print(f"logs in {(data_dir / 'logs').resolve()}; Ctrl-C stops everything", flush=True)
+        while not stopping:
+            dead = [p for p in started if not p.alive()]
+            if dead:
+                print(f"{dead[0].name} exited (code {dead[0].proc.returncode}); stopping:\n{dead[0].log_tail()}")
+                return 1
+            time.sleep(0.5)
+        return 0
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        print(f"orders up failed: {exc}", file=sys.stderr)
+        for proc in started:
+            print(f"--- {proc.name} log ---\n{proc.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("stopping …", flush=True)
+        for proc in reversed(started):
+            proc.stop()
+        for server in reversed(infra):
+            server.stop()
+        print("stopped")
+
+
+def _serving_or_dead(address: str, processes: Iterable[Any]) -> bool:
+    from orders.local_stack import grpc_serving
+
+    for proc in processes:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited during start-up:\n{proc.log_tail()}")
+    return grpc_serving(address)
+
+
+def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
+    for name, default, doc in describe():
+        print(f"{name:34} {default:50} {doc}")
+    return 0
+
+
+# ---- RPC client ---------------------------------------------------------------------------------
+
+
+def _output(args: argparse.Namespace, message: Any) -> None:
+    from google.protobuf import json_format
+
+    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    if args.json:
+        print(json.dumps(data), flush=True)
+        return
+    _print_human(data)
+
+
+def _money(value: dict[str, Any]) -> str:
+    return f"{int(value.get('minor_units', 0)) / 100:.2f} {value.get('currency_code', '')}"
+
+
+def _print_human(data: dict[str, Any], indent: str = "") -> None:
+    for key, value in data.items():
+        if isinstance(value, dict) and set(value) <= {"currency_code", "minor_units"}:
+            print(f"{indent}{key}: {_money(value)}")
+        elif isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_human(value, indent + "  ")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            print(f"{indent}{key}:")
+            for item in value:
+                _print_human(item, indent + "  - ")
+                print()
+        else:
+            print(f"{indent}{key}: {value}")
+        indent = indent.replace("-", " ")
+
+
+def _call(args: argparse.Namespace, settings: Settings, service: str, method: str, request: Any) -> int:
+    import grpc
+
+    from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
+
+    address = args.command_addr or settings.command_addr if service == "command" else args.query_addr or settings.query_addr
+    with grpc.insecure_channel(address) as channel:
+        stub = (commands_pb2_grpc.CommandServiceStub if service == "command" else queries_pb2_grpc.QueryServiceStub)(channel)
+        try:
+            reply = getattr(stub, method)(request, timeout=None if args.follow else args.timeout)
+            if hasattr(reply, "__iter__") and not hasattr(reply, "DESCRIPTOR"):
+                for item in reply:
+                    _output(args, item)
+            else:
+                _output(args, reply)
+        except grpc.RpcError as err:
+            return _print_error(err)
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
+def _print_error(err: Any) -> int:
+    from grpc_status import rpc_status
+
+    print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+    status = rpc_status.from_call(err)
+    if status is not None:
+        from google.rpc import error_details_pb2
+
+        for detail in status.details:
+            for kind in (error_details_pb2.BadRequest, error_details_pb2.PreconditionFailure):
+                if detail.Is(kind.DESCRIPTOR):
+                    message = kind()
+                    detail.Unpack(message)
+                    for v in getattr(message, "field_violations", []):
+                        print(f"  {v.field}: {v.description}", file=sys.stderr)
+                    for v in getattr(message, "violations", []):
+                        print(f"  {v.type} {v.subject}: {v.description}", file=sys.stderr)
+    return 1
+
+
+def _request_id(args: argparse.Namespace) -> str:
+    return args.request_id or str(uuid.uuid4())
+
+
+def _line(text: str) -> tuple[str, int]:
+    sku, sep, quantity = text.rpartition(":")
+    if not sep or not quantity.isdigit():
+        raise argparse.ArgumentTypeError(f"expected SKU:QUANTITY, got {text!r}")
+    return sku, int(quantity)
+
+
+def cmd_place_order(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import commands_pb2
+
+    request = commands_pb2.PlaceOrderRequest(
+        request_id=_request_id(args), customer_id=args.customer,
+        lines=[commands_pb2.PlaceOrderLine(sku=sku, quantity=qty) for sku, qty in args.line],
+    )
+    return _call(args, settings, "command", "PlaceOrder", request)
+
+
+def cmd_cancel_order(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import commands_pb2
+
+    request = commands_pb2.CancelOrderRequest(request_id=_request_id(args), order_id=args.order_id, reason=args.reason)
+    if args.expected_version is not None:
+        request.expected_version = args.expected_version
+    return _call(args, settings, "command", "CancelOrder", request)
+
+
+def cmd_update_inventory(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import commands_pb2
+
+    request = commands_pb2.UpdateInventoryRequest(request_id=_request_id(args), sku=args.sku)
+    if args.delta is not None:
+        request.delta = args.delta
+    if args.set is not None:
+        request.set_level = args.set
+    if args.expected_version is not None:
+        request.expected_version = args.expected_version
+    return _call(args, settings, "command", "UpdateInventory", request)
+
+
+def cmd_upsert_product(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import commands_pb2, common_pb2
+
+    request = commands_pb2.UpsertProductRequest(
+        request_id=_request_id(args), sku=args.sku, name=args.name,
+        unit_price=common_pb2.Money(currency_code=args.currency, minor_units=args.price_minor),
+    )
+    if args.expected_version is not None:
+        request.expected_version = args.expected_version
+    return _call(args, settings, "command", "UpsertProduct", request)
+
+
+def cmd_get_order(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import queries_pb2
+
+    request = queries_pb2.GetOrderSummaryRequest(order_id=args.order_id, consistency_token=args.token)
+    return _call(args, settings, "query", "GetOrderSummary", request)
+
+
+def _filter(args: argparse.Namespace) -> Any:
+    from orders.v1 import common_pb2, queries_pb2
+
+    statuses = {"placed": common_pb2.ORDER_STATUS_PLACED, "cancelled": common_pb2.ORDER_STATUS_CANCELLED}
+    return queries_pb2.OrderFilter(customer_id=args.customer or "", status=statuses.get(args.status or "", 0))
+
+
+def cmd_list_orders(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import queries_pb2
+
+    request = queries_pb2.ListOrderSummariesRequest(
+        filter=_filter(args),
+        sort_order=queries_pb2.SORT_ORDER_OLDEST_FIRST if args.oldest_first else queries_pb2.SORT_ORDER_NEWEST_FIRST,
+    )
+    return _call(args, settings, "query", "ListOrderSummaries", request)
+
+
+def cmd_search_orders(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import queries_pb2
+
+    request = queries_pb2.SearchOrdersRequest(
+        query=args.query, filter=_filter(args), page_size=args.page_size, page_token=args.page_token
+    )
+    return _call(args, settings, "query", "SearchOrders", request)
+
+
+def cmd_list_products(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import queries_pb2
+
+    request = queries_pb2.ListProductsRequest(
+        page_size=args.page_size, page_token=args.page_token, in_stock_only=args.in_stock, name_prefix=args.prefix
+    )
+    return _call(args, settings, "query", "ListProducts", request)
+
+
+def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import queries_pb2
+
+    request = queries_pb2.WatchOrderSummariesRequest(
+        order_ids=args.order or [], customer_id=args.customer or "", include_snapshot=args.snapshot,
+        after_sequence=args.after_sequence,
+    )
+    args.follow = True
+    return _call(args, settings, "query", "WatchOrderSummaries", request)
+
+
+# ---- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orders", description="CQRS order system: services and client.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace, Settings], int], help_text: str, client: bool = False):  # type: ignore[no-untyped-def]
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func, follow=False)
+        if client:
+            p.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+            p.add_argument("--command-addr", help="CommandService address (default ORDERS_COMMAND_ADDR)")
+            p.add_argument("--query-addr", help="QueryService address (default ORDERS_QUERY_ADDR)")
+            p.add_argument("--timeout", type=float, default=10.0, help="call deadline in seconds")
+        return p
+
+    p = add("up", cmd_up, "run PostgreSQL, NATS and all services locally (Ctrl-C stops all)")
+    p.add_argument("--data-dir", default=".orders-data", help="where data and logs live (default .orders-data)")
+    p.add_argument("--external", action="store_true",
+                   help="use the PostgreSQL and NATS named by ORDERS_* URLs instead of starting them")
+    add("command-service", _run_module("command_service"), "run the CommandService (with its outbox relay)")
+    add("query-service", _run_module("query_service"), "run the QueryService")
+    add("projector", _run_module("projector"), "run the projector")
+    add("migrate", cmd_migrate, "create the databases and tables that are missing")
+    add("settings", cmd_settings, "list every ORDERS_* variable with its default")
+
+    p = add("place-order", cmd_place_order, "place an order", client=True)
+    p.add_argument("--customer", required=True)
+    p.add_argument("--line", type=_line, action="append", required=True, metavar="SKU:QTY")
+    p.add_argument("--request-id", help="idempotency key (default: a new UUID)")
+    p = add("cancel-order", cmd_cancel_order, "cancel an order", client=True)
+    p.add_argument("order_id")
+    p.add_argument("--reason", default="")
+    p.add_argument("--expected-version", type=int)
+    p.add_argument("--request-id")
+    p = add("update-inventory", cmd_update_inventory, "change a product's stock", client=True)
+    p.add_argument("sku")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--delta", type=int, help="add (or with a minus sign remove) units")
+    group.add_argument("--set", type=int, help="set the stock to this level")
+    p.add_argument("--expected-version", type=int)
+    p.add_argument("--request-id")
+    p = add("upsert-product", cmd_upsert_product, "create or change a catalog product", client=True)
+    p.add_argument("sku")
+    p.add_argument("--name", required=True)
+    p.add_argument("--price-minor", type=int, required=True, help="unit price in minor units (1999 = 19.99)")
+    p.add_argument("--currency", default="EUR")
+    p.add_argument("--expected-version", type=int)
+    p.add_argument("--request-id")
+    p = add("get-order", cmd_get_order, "show one order's summary", client=True)
+    p.add_argument("order_id")
+    p.add_argument("--token", default="", help="consistency token from a command: wait until it is visible")
+    for name, func, text in (("list-orders", cmd_list_orders, "stream order summaries"),
+                             ("search-orders", cmd_search_orders, "full-text search over orders")):
+        p = add(name, func, text, client=True)
+        if name == "search-orders":
+            p.add_argument("query")
+            p.add_argument("--page-size", type=int, default=0)
+            p.add_argument("--page-token", default="")
+        else:
+            p.add_argument("--oldest-first", action="store_true")
+        p.add_argument("--customer")
+        p.add_argument("--status", choices=["placed", "cancelled"])
+    p = add("list-products", cmd_list_products, "list catalog products", client=True)
+    p.add_argument("--in-stock", action="store_true")
+    p.add_argument("--prefix", default="", help="name prefix")
+    p.add_argument("--page-size", type=int, default=0)
+    p.add_argument("--page-token", default="")
+    p = add("watch", cmd_watch, "follow changes to orders (Ctrl-C stops)", client=True)
+    p.add_argument("--order", action="append", help="order id (repeatable)")
+    p.add_argument("--customer")
+    p.add_argument("--snapshot", action="store_true", help="first print the current summaries")
+    p.add_argument("--after-sequence", type=int, default=0, help="resume after this stream sequence")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(args.func(args, settings))
+
+
+if __name__ == "__main__":
+    main()

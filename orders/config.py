@@ -1,0 +1,121 @@
+"""Settings of every process, read from ORDERS_* environment variables and validated at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+PREFIX = "ORDERS_"
+
+
+def _parse_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected HOST:PORT")
+    return value
+
+
+def _parse_url(*schemes: str):  # type: ignore[no-untyped-def]
+    def parse(value: str) -> str:
+        if not value.startswith(tuple(f"{s}://" for s in schemes)):
+            raise ValueError(f"expected a URL starting with {' or '.join(s + '://' for s in schemes)}")
+        return value
+
+    return parse
+
+
+def _parse_positive_float(value: str) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError("must be greater than zero")
+    return number
+
+
+def _parse_positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be greater than zero")
+    return number
+
+
+def _setting(default: Any, parse: Any, doc: str) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of every process; each field is read from ORDERS_<FIELD NAME IN UPPER CASE>."""
+
+    write_database_url: str = _setting(
+        "postgresql://postgres@127.0.0.1:5432/orders_write",
+        _parse_url("postgresql", "postgres"),
+        "Write database (source of truth) used by the command service.",
+    )
+    read_database_url: str = _setting(
+        "postgresql://postgres@127.0.0.1:5432/orders_read",
+        _parse_url("postgresql", "postgres"),
+        "Read database written by the projector and read by the query service.",
+    )
+    nats_url: str = _setting("nats://127.0.0.1:4222", _parse_url("nats", "tls"), "NATS server URL.")
+    command_addr: str = _setting("127.0.0.1:50051", _parse_address, "CommandService listen address.")
+    query_addr: str = _setting("127.0.0.1:50052", _parse_address, "QueryService listen address.")
+    stream: str = _setting("ORDERS_EVENTS", str, "JetStream stream holding the events.")
+    stream_replicas: int = _setting(1, _parse_positive_int, "Replicas of the stream (3 in a cluster).")
+    duplicate_window: float = _setting(
+        120.0, _parse_positive_float, "Stream deduplication window in seconds (Nats-Msg-Id)."
+    )
+    consumer: str = _setting("orders-projector", str, "Durable consumer name of the projector.")
+    relay_batch: int = _setting(256, _parse_positive_int, "Outbox rows published per relay round.")
+    relay_poll_interval: float = _setting(
+        1.0, _parse_positive_float, "Seconds between outbox polls when no commit wakes the relay."
+    )
+    projector_batch: int = _setting(256, _parse_positive_int, "Events fetched and applied per transaction.")
+    ack_wait: float = _setting(30.0, _parse_positive_float, "Seconds before an unacked event is redelivered.")
+    max_deliver: int = _setting(20, _parse_positive_int, "Deliveries of one event before it is given up.")
+    gap_retry_delay: float = _setting(
+        0.5, _parse_positive_float, "Seconds before an event that arrived ahead of its predecessor is retried."
+    )
+    read_wait_max: float = _setting(
+        5.0, _parse_positive_float, "Longest a query waits for a consistency token to be projected (s)."
+    )
+    watch_queue_size: int = _setting(
+        1000, _parse_positive_int, "Changes buffered per watch stream before a slow watcher is cut off."
+    )
+    db_pool_size: int = _setting(10, _parse_positive_int, "Database connections per process.")
+    log_level: str = _setting("INFO", str.upper, "Log level: DEBUG, INFO, WARNING or ERROR.")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from the environment; raise ConfigError naming the first bad variable."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = PREFIX + f.name.upper()
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
+        settings = cls(**values)
+        if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"{PREFIX}LOG_LEVEL={settings.log_level!r} is invalid: expected DEBUG, INFO, WARNING or ERROR")
+        return settings
+
+    def to_env(self) -> dict[str, str]:
+        """The ORDERS_* variables that reproduce these settings in a child process."""
+        return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting, for the CLI and the README."""
+    return [(PREFIX + f.name.upper(), str(f.default), f.metadata["doc"]) for f in dataclasses.fields(Settings)]

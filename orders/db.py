@@ -1,0 +1,72 @@
+"""Database plumbing shared by the services: engines from plain URLs, schema set-up, error classes."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+
+def sqlalchemy_url(url: str) -> str:
+    """postgresql://… (what operators write) → postgresql+psycopg://… (what SQLAlchemy needs)."""
+    return make_url(url).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def libpq_url(url: str) -> str:
+    """Any accepted database URL as a plain libpq connection string (for psycopg directly)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def create_engine(url: str, pool_size: int, application_name: str) -> AsyncEngine:
+    """An async engine on psycopg 3 with a bounded pool and liveness checks on checkout."""
+    return create_async_engine(
+        sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=0,
+        pool_pre_ping=True,
+        pool_timeout=10,
+        connect_args={"application_name": application_name, "connect_timeout": 5},
+    )
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when the error means the database cannot be reached (retryable), not a bad statement."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        exc = exc.orig or exc
+    if isinstance(exc, sa_exc.TimeoutError):  # pool exhausted or connect timed out
+        return True
+    return isinstance(exc, (psycopg.OperationalError, OSError, ConnectionError))
+
+
+async def ensure_database(url: str) -> bool:
+    """Create the database named in url when missing (connecting to the 'postgres' database).
+
+    Returns True when it was created.
+    """
+    target = make_url(url)
+    admin = libpq_url(target.set(database="postgres").render_as_string(hide_password=False))
+    async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+        cur = await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.database,))
+        if await cur.fetchone():
+            return False
+        try:
+            await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.database or "")))
+        except psycopg.errors.DuplicateDatabase:
+            return False
+        return True
+
+
+async def create_schema(url: str, metadata: sa.MetaData) -> None:
+    """Create the tables and indexes of metadata that do not exist yet."""
+    await ensure_database(url)
+    engine = create_engine(url, pool_size=1, application_name="orders-migrate")
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+    finally:
+        await engine.dispose()

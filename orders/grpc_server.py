@@ -1,0 +1,119 @@
+"""gRPC server plumbing shared by both services: server creation, health, reflection, error mapping."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orders.db import is_unavailable
+from orders.errors import DomainError, Unavailable
+
+log = logging.getLogger(__name__)
+
+CORRELATION_HEADER = "x-correlation-id"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def correlation_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's x-correlation-id (at most 128 characters kept), or a fresh one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == CORRELATION_HEADER and isinstance(value, str) and value:
+            return value[:128]
+    return str(uuid.uuid4())
+
+
+def _status_for(exc: Exception) -> grpc.Status | None:
+    if isinstance(exc, DomainError):
+        return exc.to_status()
+    if is_unavailable(exc):
+        return Unavailable("database unavailable, retry later").to_status()
+    return None
+
+
+def rpc(method: F) -> F:
+    """Translate what a servicer method raises into a gRPC status, in this one place.
+
+    DomainError → its code with google.rpc details; an unreachable database → UNAVAILABLE; anything
+    else → INTERNAL with a generic message (the stack trace goes to the log, never to the client).
+    Works for unary methods and for server-streaming async generators.
+    """
+    name = method.__qualname__
+
+    async def fail(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+        status = _status_for(exc)
+        if status is None:
+            log.exception("unexpected error in %s", name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        else:
+            if isinstance(exc, Unavailable) or not isinstance(exc, DomainError):
+                log.warning("%s unavailable: %s", name, exc)
+            await context.abort_with_status(status)
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(exc, context)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await fail(exc, context)
+
+    return unary_wrapper  # type: ignore[return-value]
+
+
+def create_server(
+    address: str,
+    register: Callable[[grpc.aio.Server], None],
+    service_names: Iterable[str],
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A grpc.aio server on address with the given services, health and reflection; returns the port.
+
+    Bind to port 0 to get a free port (tests do).
+    """
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port, health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool) -> None:
+    """Mark the overall server ('') and each named service SERVING or NOT_SERVING."""
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", *names):
+        await health_servicer.set(name, status)

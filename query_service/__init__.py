@@ -1,0 +1,1 @@
+"""The read side: QueryService over the read database, with read-your-writes waits and live watches."""

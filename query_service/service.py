@@ -1,0 +1,139 @@
+"""QueryService servicer: read-your-writes waits, paginated and streamed reads, live watches."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from orders import consistency
+from orders.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from orders.grpc_server import rpc
+from orders.v1 import queries_pb2, queries_pb2_grpc
+from query_service import views
+from query_service.changes import OVERFLOW, RESYNC, ChangeFeed, Watch
+from query_service.views import ReadModel
+
+MAX_WATCHED_ORDERS = 100
+
+
+def _order_id(value: str, field: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidArgument([FieldViolation(field, "must be an order id (UUID)")]) from None
+
+
+class QueryService(queries_pb2_grpc.QueryServiceServicer):
+    def __init__(self, read_model: ReadModel, feed: ChangeFeed, read_wait_max: float, watch_queue_size: int) -> None:
+        self._read_model = read_model
+        self._feed = feed
+        self._read_wait_max = read_wait_max
+        self._watch_queue_size = watch_queue_size
+
+    async def _catch_up(self, token: str, context: grpc.aio.ServicerContext) -> None:
+        """Wait until the read model reflects token (read-your-writes), or fail with UNAVAILABLE."""
+        if not token:
+            return
+        try:
+            versions = consistency.decode(token)
+        except consistency.InvalidToken as exc:
+            raise InvalidArgument([FieldViolation("consistency_token", str(exc))]) from None
+        remaining = context.time_remaining()
+        budget = self._read_wait_max if remaining is None else min(self._read_wait_max, max(remaining - 0.05, 0))
+        if not await self._feed.wait_for(versions, budget):
+            raise Unavailable(
+                f"the read model has not caught up with the consistency token within {budget:.2f}s "
+                "(projection behind); retry later"
+            )
+
+    @rpc
+    async def GetOrderSummary(
+        self, request: queries_pb2.GetOrderSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> queries_pb2.GetOrderSummaryResponse:
+        order_id = _order_id(request.order_id, "order_id")
+        await self._catch_up(request.consistency_token, context)
+        summary = await self._read_model.order(order_id)
+        if summary is None:
+            raise NotFound(f"order {order_id} not found")
+        return queries_pb2.GetOrderSummaryResponse(summary=summary)
+
+    @rpc
+    async def ListOrderSummaries(
+        self, request: queries_pb2.ListOrderSummariesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[queries_pb2.ListOrderSummariesResponse]:
+        await self._catch_up(request.consistency_token, context)
+        newest_first = request.sort_order != queries_pb2.SORT_ORDER_OLDEST_FIRST
+        async for summary in self._read_model.stream_orders(request.filter, newest_first):
+            yield queries_pb2.ListOrderSummariesResponse(summary=summary)
+
+    @rpc
+    async def SearchOrders(
+        self, request: queries_pb2.SearchOrdersRequest, context: grpc.aio.ServicerContext
+    ) -> queries_pb2.SearchOrdersResponse:
+        size = views.page_size(request.page_size)
+        await self._catch_up(request.consistency_token, context)
+        summaries, token = await self._read_model.search(request.query, request.filter, size, request.page_token)
+        return queries_pb2.SearchOrdersResponse(summaries=summaries, next_page_token=token)
+
+    @rpc
+    async def ListProducts(
+        self, request: queries_pb2.ListProductsRequest, context: grpc.aio.ServicerContext
+    ) -> queries_pb2.ListProductsResponse:
+        size = views.page_size(request.page_size)
+        products, token = await self._read_model.products(
+            size, request.page_token, request.in_stock_only, request.name_prefix
+        )
+        return queries_pb2.ListProductsResponse(products=products, next_page_token=token)
+
+    @rpc
+    async def WatchOrderSummaries(
+        self, request: queries_pb2.WatchOrderSummariesRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[queries_pb2.WatchOrderSummariesResponse]:
+        """Snapshot (optional), then each change of the selected orders, never older than what was sent.
+
+        The watch subscribes to the feed BEFORE reading the snapshot, so a change committed in between
+        is queued, and the per-order version filter drops whatever the snapshot already covered.
+        """
+        order_ids = self._watch_selection(request)
+        await self._catch_up(request.consistency_token, context)
+        watch = Watch(frozenset(order_ids), request.customer_id, self._watch_queue_size)
+        self._feed.subscribe(watch)
+        try:
+            sent: dict[str, int] = {}
+
+            async def selection() -> list[queries_pb2.OrderSummary]:
+                if order_ids:
+                    return await self._read_model.orders_by_ids(order_ids)
+                return await self._read_model.orders_of_customer(request.customer_id)
+
+            for summary in await selection():
+                sent[summary.order_id] = summary.version
+                if request.include_snapshot or summary.stream_sequence > request.after_sequence > 0:
+                    yield queries_pb2.WatchOrderSummariesResponse(summary=summary, snapshot=request.include_snapshot)
+            while True:
+                item = await watch.queue.get()
+                if item == OVERFLOW:
+                    raise Unavailable("watch stream cut off: the client did not read changes fast enough; reconnect "
+                                      "with after_sequence set to the last stream_sequence received")
+                updates = await selection() if item == RESYNC else [item]
+                for summary in updates:
+                    assert isinstance(summary, queries_pb2.OrderSummary)
+                    if summary.version > sent.get(summary.order_id, 0):
+                        sent[summary.order_id] = summary.version
+                        yield queries_pb2.WatchOrderSummariesResponse(summary=summary, snapshot=False)
+        finally:
+            self._feed.unsubscribe(watch)
+
+    @staticmethod
+    def _watch_selection(request: queries_pb2.WatchOrderSummariesRequest) -> list[str]:
+        if bool(request.order_ids) == bool(request.customer_id):
+            raise InvalidArgument([FieldViolation("order_ids", "set exactly one of order_ids or customer_id")])
+        if len(request.order_ids) > MAX_WATCHED_ORDERS:
+            raise InvalidArgument([FieldViolation("order_ids", f"at most {MAX_WATCHED_ORDERS} orders per watch")])
+        if len(request.customer_id) > 128:
+            raise InvalidArgument([FieldViolation("customer_id", "must be at most 128 characters")])
+        return sorted({_order_id(v, f"order_ids[{i}]") for i, v in enumerate(request.order_ids)})
+
+

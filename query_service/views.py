@@ -1,0 +1,231 @@
+"""SQL reads of the read model and their conversion to the query contract's messages."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from google.protobuf import timestamp_pb2
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orders.errors import FieldViolation, InvalidArgument
+from orders.read_model import order_summaries, product_views
+from orders.v1 import common_pb2, queries_pb2
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_QUERY_LENGTH = 200
+STREAM_CHUNK = 500
+_STATUS_NAMES = {common_pb2.ORDER_STATUS_PLACED: "PLACED", common_pb2.ORDER_STATUS_CANCELLED: "CANCELLED"}
+_STATUS_ENUMS = {v: k for k, v in _STATUS_NAMES.items()}
+SUMMARY_COLUMNS = [c for c in order_summaries.c if c.name != "search"]
+
+
+def _ts(moment: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(moment)
+    return ts
+
+
+def _money(minor: int, currency: str) -> common_pb2.Money:
+    return common_pb2.Money(currency_code=currency, minor_units=minor)
+
+
+def summary_message(row: Any) -> queries_pb2.OrderSummary:
+    return queries_pb2.OrderSummary(
+        order_id=row.order_id,
+        customer_id=row.customer_id,
+        status=_STATUS_ENUMS.get(row.status, common_pb2.ORDER_STATUS_UNSPECIFIED),
+        lines=[
+            queries_pb2.OrderSummaryLine(
+                sku=line["sku"], name=line["name"], quantity=line["quantity"],
+                unit_price=_money(line["unit_price_minor"], row.currency),
+                line_total=_money(line["unit_price_minor"] * line["quantity"], row.currency),
+            )
+            for line in row.lines
+        ],
+        item_count=row.item_count,
+        total=_money(row.total_minor, row.currency),
+        placed_at=_ts(row.placed_at),
+        updated_at=_ts(row.updated_at),
+        cancel_reason=row.cancel_reason,
+        version=row.version,
+        stream_sequence=row.stream_seq,
+    )
+
+
+def product_message(row: Any) -> queries_pb2.ProductView:
+    return queries_pb2.ProductView(
+        sku=row.sku, name=row.name, unit_price=_money(row.unit_price_minor, row.currency),
+        stock=row.stock, version=row.version, updated_at=_ts(row.updated_at),
+    )
+
+
+def page_size(value: int, field: str = "page_size") -> int:
+    if value == 0:
+        return DEFAULT_PAGE_SIZE
+    if not 1 <= value <= MAX_PAGE_SIZE:
+        raise InvalidArgument([FieldViolation(field, f"must be 1 to {MAX_PAGE_SIZE}")])
+    return value
+
+
+def encode_page_token(state: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, expected_keys: set[str]) -> dict[str, Any]:
+    bad = InvalidArgument([FieldViolation("page_token", "is not a page token returned by this call")])
+    if len(token) > 1024:
+        raise bad
+    try:
+        state = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise bad from None
+    if not isinstance(state, dict) or set(state) != expected_keys:
+        raise bad
+    return state
+
+
+def _filter_conditions(filt: queries_pb2.OrderFilter) -> list[Any]:
+    violations: list[FieldViolation] = []
+    conditions: list[Any] = []
+    if filt.customer_id:
+        if len(filt.customer_id) > 128:
+            violations.append(FieldViolation("filter.customer_id", "must be at most 128 characters"))
+        conditions.append(order_summaries.c.customer_id == filt.customer_id)
+    if filt.status:
+        if filt.status not in _STATUS_NAMES:
+            violations.append(FieldViolation("filter.status", "unknown status"))
+        else:
+            conditions.append(order_summaries.c.status == _STATUS_NAMES[filt.status])
+    if filt.HasField("placed_after"):
+        conditions.append(order_summaries.c.placed_at >= filt.placed_after.ToDatetime(tzinfo=UTC))
+    if filt.HasField("placed_before"):
+        conditions.append(order_summaries.c.placed_at < filt.placed_before.ToDatetime(tzinfo=UTC))
+    if violations:
+        raise InvalidArgument(violations)
+    return conditions
+
+
+class ReadModel:
+    """Every query the QueryService runs, against the read database only."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def order(self, order_id: str) -> queries_pb2.OrderSummary | None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(sa.select(*SUMMARY_COLUMNS).where(order_summaries.c.order_id == order_id))
+            ).first()
+        return None if row is None else summary_message(row)
+
+    async def orders_by_ids(self, order_ids: Sequence[str]) -> list[queries_pb2.OrderSummary]:
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(sa.select(*SUMMARY_COLUMNS).where(order_summaries.c.order_id.in_(list(order_ids))))
+            ).all()
+        return [summary_message(row) for row in rows]
+
+    async def orders_of_customer(self, customer_id: str, after_seq: int = 0) -> list[queries_pb2.OrderSummary]:
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(*SUMMARY_COLUMNS)
+                    .where(order_summaries.c.customer_id == customer_id, order_summaries.c.stream_seq > after_seq)
+                    .order_by(order_summaries.c.placed_at, order_summaries.c.order_id)
+                )
+            ).all()
+        return [summary_message(row) for row in rows]
+
+    async def stream_orders(
+        self, filt: queries_pb2.OrderFilter, newest_first: bool
+    ) -> AsyncIterator[queries_pb2.OrderSummary]:
+        """Every matching summary, fetched in keyset pages so memory stays bounded."""
+        conditions = _filter_conditions(filt)
+        key = sa.tuple_(order_summaries.c.placed_at, order_summaries.c.order_id)
+        order = (
+            (order_summaries.c.placed_at.desc(), order_summaries.c.order_id.desc())
+            if newest_first
+            else (order_summaries.c.placed_at, order_summaries.c.order_id)
+        )
+        last: tuple[datetime, str] | None = None
+        while True:
+            stmt = sa.select(*SUMMARY_COLUMNS).where(*conditions).order_by(*order).limit(STREAM_CHUNK)
+            if last is not None:
+                stmt = stmt.where(key < sa.tuple_(*last) if newest_first else key > sa.tuple_(*last))
+            async with self._engine.connect() as conn:
+                rows = (await conn.execute(stmt)).all()
+            for row in rows:
+                yield summary_message(row)
+            if len(rows) < STREAM_CHUNK:
+                return
+            last = (rows[-1].placed_at, rows[-1].order_id)
+
+    async def search(
+        self, query: str, filt: queries_pb2.OrderFilter, size: int, token: str
+    ) -> tuple[list[queries_pb2.OrderSummary], str]:
+        """Ranked full-text search (simple dictionary) combined with the filters; offset pages."""
+        if len(query) > MAX_QUERY_LENGTH:
+            raise InvalidArgument([FieldViolation("query", f"must be at most {MAX_QUERY_LENGTH} characters")])
+        offset = int(decode_page_token(token, {"offset"})["offset"]) if token else 0
+        if offset < 0:
+            raise InvalidArgument([FieldViolation("page_token", "is not a page token returned by this call")])
+        conditions = _filter_conditions(filt)
+        stmt = sa.select(*SUMMARY_COLUMNS).where(*conditions)
+        if query.strip():
+            tsquery = sa.func.websearch_to_tsquery("simple", query)
+            stmt = stmt.where(order_summaries.c.search.op("@@")(tsquery)).order_by(
+                sa.func.ts_rank(order_summaries.c.search, tsquery).desc()
+            )
+        stmt = stmt.order_by(order_summaries.c.placed_at.desc(), order_summaries.c.order_id.desc())
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt.offset(offset).limit(size + 1))).all()
+        next_token = encode_page_token({"offset": offset + size}) if len(rows) > size else ""
+        return [summary_message(row) for row in rows[:size]], next_token
+
+    async def products(
+        self, size: int, token: str, in_stock_only: bool, name_prefix: str
+    ) -> tuple[list[queries_pb2.ProductView], str]:
+        """Products by SKU, keyset-paginated."""
+        if len(name_prefix) > 200:
+            raise InvalidArgument([FieldViolation("name_prefix", "must be at most 200 characters")])
+        stmt = sa.select(product_views).order_by(product_views.c.sku).limit(size + 1)
+        if token:
+            after = decode_page_token(token, {"after"})["after"]
+            if not isinstance(after, str):
+                raise InvalidArgument([FieldViolation("page_token", "is not a page token returned by this call")])
+            stmt = stmt.where(product_views.c.sku > after)
+        if in_stock_only:
+            stmt = stmt.where(product_views.c.stock > 0)
+        if name_prefix:
+            escaped = name_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            stmt = stmt.where(product_views.c.name.ilike(escaped + "%", escape="\\"))
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(stmt)).all()
+        next_token = encode_page_token({"after": rows[size - 1].sku}) if len(rows) > size else ""
+        return [product_message(row) for row in rows[:size]], next_token
+
+    async def versions(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """Current read-model versions of the named aggregates (absent ones are left out)."""
+        order_ids = [ident for kind, ident in keys if kind == "order"]
+        skus = [ident for kind, ident in keys if kind == "product"]
+        found: dict[tuple[str, str], int] = {}
+        async with self._engine.connect() as conn:
+            if order_ids:
+                for ident, version in await conn.execute(
+                    sa.select(order_summaries.c.order_id, order_summaries.c.version)
+                    .where(order_summaries.c.order_id.in_(order_ids))
+                ):
+                    found[("order", ident)] = version
+            if skus:
+                for ident, version in await conn.execute(
+                    sa.select(product_views.c.sku, product_views.c.version).where(product_views.c.sku.in_(skus))
+                ):
+                    found[("product", ident)] = version
+        return found
