@@ -35,6 +35,8 @@ def decode(token: str) -> Versions:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         body = json.loads(raw)
+        if not isinstance(body, list) or not body:  # every command changes at least one aggregate
+            raise ValueError
         versions: Versions = {}
         for kind, ident, version in body:
             if kind not in _KIND_BACK or not isinstance(ident, str) or not ident:

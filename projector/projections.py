@@ -82,13 +82,11 @@ async def _apply_versioned(
     """Insert (version 1) or update on top of version - 1; classify a no-op as duplicate or gap."""
     if version == 1:
         assert insert_values is not None, "check_applicable lets only creating events be version 1"
-        result = await conn.execute(pg_insert(table).values(**insert_values).on_conflict_do_nothing())
+        stmt: Any = pg_insert(table).values(**insert_values).on_conflict_do_nothing()
     else:
         assert update_values is not None, "check_applicable lets creating events be version 1 only"
-        result = await conn.execute(
-            table.update().where(key_column == key, table.c.version == version - 1).values(**update_values)
-        )
-    if result.rowcount == 1:
+        stmt = table.update().where(key_column == key, table.c.version == version - 1).values(**update_values)
+    if (await conn.execute(stmt.returning(key_column))).first() is not None:
         return Outcome.APPLIED
     stored = (await conn.execute(sa.select(table.c.version).where(key_column == key))).scalar()
     return Outcome.DUPLICATE if stored is not None and stored >= version else Outcome.GAP

@@ -1,0 +1,103 @@
+"""`orders up` and the CLI client: start the whole system, use it, stop it with Ctrl-C, start it again."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orders import local_stack
+
+pytestmark = pytest.mark.e2e
+
+
+class Up:
+    """One `orders up` process, its output file and its addresses."""
+
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        self.output = data_dir.parent / f"up-{len(list(data_dir.parent.glob('up-*')))}.out"
+        with open(self.output, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "orders.cli", "up", "--data-dir", str(data_dir)],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
+        local_stack.wait_until(self._ready, 90, "orders up to print the QueryService address")
+
+    def text(self) -> str:
+        return self.output.read_text()
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"orders up exited early:\n{self.text()}")
+        return "QueryService" in self.text()
+
+    def infra_pids(self) -> list[int]:
+        return [int(pid) for pid in re.findall(r"\(pid (\d+)", self.text())]
+
+    def interrupt(self) -> int:
+        """Ctrl-C, as a user would; returns the exit code."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(60)
+        finally:
+            local_stack.stop_process(self.proc)  # no-op when it already exited
+
+
+def cli(env: dict[str, str], *args: str) -> dict:  # type: ignore[type-arg]
+    result = subprocess.run([sys.executable, "-m", "orders.cli", *args, "--json"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_serves_the_cli_stops_on_ctrl_c_and_keeps_data(tmp_path: Path) -> None:
+    if os.environ.get("ORDERS_TEST_BACKEND", "embedded") != "embedded":
+        pytest.skip("orders up starts the embedded servers; this backend provides its own")
+    env = {
+        **os.environ,
+        "ORDERS_COMMAND_ADDR": f"127.0.0.1:{local_stack.free_port()}",
+        "ORDERS_QUERY_ADDR": f"127.0.0.1:{local_stack.free_port()}",
+    }
+    data_dir = tmp_path / "data"
+
+    first = Up(data_dir, env)
+    try:
+        assert env["ORDERS_COMMAND_ADDR"] in first.text() and env["ORDERS_QUERY_ADDR"] in first.text()
+        cli(env, "upsert-product", "LAMP-1", "--name", "Desk lamp", "--price-minor", "2599", "--currency", "EUR")
+        cli(env, "update-inventory", "LAMP-1", "--set", "5")
+        placed = cli(env, "place-order", "--customer", "carol", "--line", "LAMP-1:1")
+        shown = cli(env, "get-order", placed["order_id"], "--token", placed["consistency_token"])
+        assert shown["summary"]["status"] == "ORDER_STATUS_PLACED"
+        pids = first.infra_pids()
+        assert len(pids) == 2
+    finally:
+        code = first.interrupt()
+    assert code == 0, first.text()
+    assert not [pid for pid in pids if pid_alive(pid)], "PostgreSQL or NATS outlived orders up"
+
+    second = Up(data_dir, env)
+    try:
+        again = cli(env, "get-order", placed["order_id"])
+        assert again["summary"]["order_id"] == placed["order_id"]
+        products = cli(env, "list-products")["products"]
+        assert [(p["sku"], p["stock"]) for p in products] == [("LAMP-1", "4")]
+        cancelled = cli(env, "cancel-order", placed["order_id"], "--reason", "restart test")
+        assert cancelled["version"] == "2"
+        found = cli(env, "get-order", placed["order_id"], "--token", cancelled["consistency_token"])
+        assert found["summary"]["status"] == "ORDER_STATUS_CANCELLED"
+    finally:
+        assert second.interrupt() == 0, second.text()

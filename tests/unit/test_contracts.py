@@ -1,0 +1,41 @@
+"""The contracts and the code layout: generated code is current, protos lint clean, services stay apart."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_generated_code_is_up_to_date() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_buf_lint_passes_with_default_rules() -> None:
+    buf = Path(sysconfig.get_path("scripts")) / "buf"
+    if not buf.exists():
+        pytest.fail("buf not installed: pip install -e '.[dev]' (buf-bin)")
+    result = subprocess.run([str(buf), "lint"], cwd=ROOT / "protos", capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("service", ["command_service", "query_service", "projector"])
+def test_services_import_only_the_shared_package(service: str) -> None:
+    others = {"command_service", "query_service", "projector"} - {service}
+    for path in (ROOT / service).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] not in others, f"{path.relative_to(ROOT)} imports {name}"

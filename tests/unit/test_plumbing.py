@@ -1,0 +1,76 @@
+"""Tokens, change notifications, settings and events: the small formats the processes exchange."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from orders import consistency
+from orders.config import ConfigError, Settings
+from orders.events import UndecodableEvent, build_event, parse_event
+from orders.v1 import events_pb2
+from projector.consumer import NOTIFY_CHUNK_BYTES, change_payloads
+from projector.projections import Change, NeverApplicable, check_applicable
+
+
+def test_consistency_token_round_trip() -> None:
+    versions = {("order", str(uuid.uuid4())): 1, ("product", "SKU-1"): 42}
+    assert consistency.decode(consistency.encode(versions)) == versions
+
+
+@pytest.mark.parametrize("token", ["", "!!!", "W10", "e30", "W1sieCIsImEiLDFdXQ", "W1sibyIsImEiLDBdXQ", "a" * 20000])
+def test_garbage_tokens_are_rejected(token: str) -> None:
+    with pytest.raises(consistency.InvalidToken):
+        consistency.decode(token)
+
+
+def test_change_notifications_fit_postgres_payload_limit() -> None:
+    changes = [Change("order", str(uuid.uuid4()), 3, i, f"customer-{i}") for i in range(1000)]
+    payloads = change_payloads(changes)
+    assert len(payloads) > 1
+    assert all(len(p.encode()) <= NOTIFY_CHUNK_BYTES for p in payloads)
+    decoded = [item for p in payloads for item in json.loads(p)]
+    assert decoded == [[c.kind, c.key, c.version, c.stream_seq, c.customer_id] for c in changes]
+
+
+def test_settings_name_the_bad_variable() -> None:
+    with pytest.raises(ConfigError, match="ORDERS_COMMAND_ADDR"):
+        Settings.from_env({"ORDERS_COMMAND_ADDR": "no-port"})
+    with pytest.raises(ConfigError, match="ORDERS_PROJECTOR_BATCH"):
+        Settings.from_env({"ORDERS_PROJECTOR_BATCH": "0"})
+    with pytest.raises(ConfigError, match="ORDERS_WRITE_DATABASE_URL"):
+        Settings.from_env({"ORDERS_WRITE_DATABASE_URL": "mysql://x"})
+    settings = Settings.from_env({"ORDERS_QUERY_ADDR": "0.0.0.0:6000"})
+    assert settings.query_addr == "0.0.0.0:6000"
+    assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_event_envelope_round_trip_and_headers() -> None:
+    event = build_event(
+        aggregate_type="product", aggregate_id="SKU-1", version=2, occurred_at=datetime.now(UTC),
+        correlation_id="corr", causation_id="req",
+        inventory_adjusted=events_pb2.InventoryAdjusted(delta=3, stock=7),
+    )
+    assert event.subject == "orders.v1.events.product.SKU-1"
+    assert event.headers["Nats-Msg-Id"] == event.event_id
+    parsed = parse_event(event.payload)
+    assert (parsed.event_id, parsed.aggregate_version, parsed.inventory_adjusted.stock) == (event.event_id, 2, 7)
+    check_applicable(parsed)
+
+
+def test_undecodable_and_contradictory_events_are_permanent_errors() -> None:
+    with pytest.raises(UndecodableEvent):
+        parse_event(b"\xff\xff\xff")
+    with pytest.raises(UndecodableEvent):
+        parse_event(events_pb2.EventEnvelope(aggregate_type="order", aggregate_id="x", aggregate_version=1).SerializeToString())
+    placed_late = events_pb2.EventEnvelope(aggregate_type="order", aggregate_id="x", aggregate_version=2,
+                                           order_placed=events_pb2.OrderPlaced())
+    with pytest.raises(NeverApplicable):
+        check_applicable(placed_late)
+    wrong_aggregate = events_pb2.EventEnvelope(aggregate_type="product", aggregate_id="x", aggregate_version=2,
+                                               order_cancelled=events_pb2.OrderCancelled())
+    with pytest.raises(NeverApplicable):
+        check_applicable(wrong_aggregate)
