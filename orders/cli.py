@@ -115,6 +115,14 @@ def _serving_or_dead(address: str, processes: Iterable[Any]) -> bool:
     return grpc_serving(address)
 
 
+def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.local_stack import grpc_serving
+
+    ok = grpc_serving(args.address, timeout=args.timeout)
+    print(f"{args.address}: {'SERVING' if ok else 'NOT SERVING'}")
+    return 0 if ok else 1
+
+
 def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
     for name, default, doc in describe():
         print(f"{name:34} {default:50} {doc}")
@@ -331,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("projector", _run_module("projector"), "run the projector")
     add("migrate", cmd_migrate, "create the databases and tables that are missing")
     add("settings", cmd_settings, "list every ORDERS_* variable with its default")
+    p = add("health", cmd_health, "exit 0 when the gRPC server at ADDRESS reports SERVING")
+    p.add_argument("address", help="HOST:PORT")
+    p.add_argument("--timeout", type=float, default=2.0)
 
     p = add("place-order", cmd_place_order, "place an order", client=True)
     p.add_argument("--customer", required=True)

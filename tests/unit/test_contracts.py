@@ -39,3 +39,21 @@ def test_services_import_only_the_shared_package(service: str) -> None:
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in others, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_compose_runs_real_cli_commands_and_nats_config_is_valid() -> None:
+    import re
+
+    from orders.cli import build_parser
+    from orders.local_stack import nats_server_binary
+
+    compose = (ROOT / "docker-compose.yml").read_text()
+    commands = re.findall(r'command: \["([a-z-]+)"\]', compose)
+    assert set(commands) == {"migrate", "command-service", "query-service", "projector"}
+    for command in commands:
+        build_parser().parse_args([command])
+    for address in re.findall(r'"orders", "health", "([0-9.:]+)"', compose):
+        build_parser().parse_args(["health", address])
+    result = subprocess.run([nats_server_binary(), "-t", "-c", str(ROOT / "deploy" / "nats-server.conf")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
