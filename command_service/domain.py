@@ -6,6 +6,7 @@ import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from orders.errors import FieldViolation, InvalidArgument
 from orders.v1 import commands_pb2
@@ -57,9 +58,9 @@ class _Violations:
             raise InvalidArgument(self.items)
 
 
-def _common(request: object, check_body: Callable[[_Violations], None]) -> None:
+def _common(request: Any, check_body: Callable[[_Violations], None]) -> None:
     v = _Violations()
-    v.text(getattr(request, "request_id"), "request_id", MAX_ID_LENGTH)
+    v.text(request.request_id, "request_id", MAX_ID_LENGTH)
     check_body(v)
     v.raise_if_any()
 

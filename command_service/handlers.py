@@ -28,7 +28,7 @@ from command_service import domain
 from command_service.schema import idempotency_keys, order_items, orders, outbox, products
 from orders import consistency
 from orders.errors import FailedPrecondition, NotFound, RequestIdReused, VersionConflict
-from orders.events import ORDER, PRODUCT, OutgoingEvent, build_event, timestamp
+from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, timestamp
 from orders.v1 import commands_pb2, common_pb2, events_pb2
 
 R = TypeVar("R", bound=Message)
@@ -40,6 +40,9 @@ class CommandContext:
 
     request_id: str
     correlation_id: str
+
+    def events_at(self, moment: datetime) -> EventContext:
+        return EventContext(occurred_at=moment, correlation_id=self.correlation_id, causation_id=self.request_id)
 
 
 def request_hash(request: Message) -> bytes:
@@ -68,8 +71,9 @@ async def _claim(conn: AsyncConnection, command: str, request: Message, parse: C
         return None
     row = (
         await conn.execute(
-            sa.select(idempotency_keys.c.command, idempotency_keys.c.request_hash, idempotency_keys.c.response)
-            .where(idempotency_keys.c.request_id == request_id)
+            sa.select(idempotency_keys.c.command, idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
+                idempotency_keys.c.request_id == request_id
+            )
         )
     ).one()
     if row.command != command or bytes(row.request_hash) != digest or row.response is None:
@@ -100,7 +104,9 @@ class CommandHandlers:
         self._engine = engine
         self._on_commit = on_commit
 
-    async def place_order(self, request: commands_pb2.PlaceOrderRequest, ctx: CommandContext) -> commands_pb2.PlaceOrderResponse:
+    async def place_order(
+        self, request: commands_pb2.PlaceOrderRequest, ctx: CommandContext
+    ) -> commands_pb2.PlaceOrderResponse:
         """Reserve stock for every line (all or none), then record the order and its events."""
         domain.validate_place_order(request)
         async with self._engine.begin() as conn:
@@ -130,28 +136,47 @@ class CommandHandlers:
                 )
             await conn.execute(
                 orders.insert().values(
-                    id=order_id, customer_id=request.customer_id, status=domain.ORDER_PLACED,
-                    total_minor=total, currency=currency, version=1, created_at=now, updated_at=now,
+                    id=order_id,
+                    customer_id=request.customer_id,
+                    status=domain.ORDER_PLACED,
+                    total_minor=total,
+                    currency=currency,
+                    version=1,
+                    created_at=now,
+                    updated_at=now,
                 )
             )
             await conn.execute(
                 order_items.insert(),
                 [
-                    dict(order_id=order_id, line_no=i, sku=l.sku, name=l.name, quantity=l.quantity,
-                         unit_price_minor=l.unit_price_minor)
-                    for i, l in enumerate(lines)
+                    dict(
+                        order_id=order_id,
+                        line_no=i,
+                        sku=line.sku,
+                        name=line.name,
+                        quantity=line.quantity,
+                        unit_price_minor=line.unit_price_minor,
+                    )
+                    for i, line in enumerate(lines)
                 ],
             )
-            common = dict(occurred_at=now, correlation_id=ctx.correlation_id, causation_id=ctx.request_id)
+            meta = ctx.events_at(now)
             events = [
                 build_event(
-                    aggregate_type=ORDER, aggregate_id=order_id, version=1, **common,
+                    meta,
+                    ORDER,
+                    order_id,
+                    1,
                     order_placed=events_pb2.OrderPlaced(
                         customer_id=request.customer_id,
                         lines=[
-                            events_pb2.OrderLine(sku=l.sku, name=l.name, quantity=l.quantity,
-                                                 unit_price=_money(l.unit_price_minor, l.currency))
-                            for l in lines
+                            events_pb2.OrderLine(
+                                sku=line.sku,
+                                name=line.name,
+                                quantity=line.quantity,
+                                unit_price=_money(line.unit_price_minor, line.currency),
+                            )
+                            for line in lines
                         ],
                         total=_money(total, currency),
                         placed_at=timestamp(now),
@@ -160,14 +185,21 @@ class CommandHandlers:
             ]
             events += [
                 build_event(
-                    aggregate_type=PRODUCT, aggregate_id=sku, version=row.version, **common,
-                    stock_reserved=events_pb2.StockReserved(order_id=order_id, quantity=quantities[sku], stock=row.stock),
+                    meta,
+                    PRODUCT,
+                    sku,
+                    row.version,
+                    stock_reserved=events_pb2.StockReserved(
+                        order_id=order_id, quantity=quantities[sku], stock=row.stock
+                    ),
                 )
                 for sku, row in reserved.items()
             ]
             versions = {(ORDER, order_id): 1} | {(PRODUCT, sku): row.version for sku, row in reserved.items()}
             response = commands_pb2.PlaceOrderResponse(
-                order_id=order_id, version=1, consistency_token=consistency.encode(versions),
+                order_id=order_id,
+                version=1,
+                consistency_token=consistency.encode(versions),
                 total=_money(total, currency),
             )
             await _finish(conn, request.request_id, events, response)
@@ -185,8 +217,13 @@ class CommandHandlers:
                 products.update()
                 .where(products.c.sku == sku, products.c.stock >= quantity)
                 .values(stock=products.c.stock - quantity, version=products.c.version + 1, updated_at=now)
-                .returning(products.c.name, products.c.unit_price_minor, products.c.currency,
-                           products.c.stock, products.c.version)
+                .returning(
+                    products.c.name,
+                    products.c.unit_price_minor,
+                    products.c.currency,
+                    products.c.stock,
+                    products.c.version,
+                )
             )
         ).first()
         if row is not None:
@@ -198,7 +235,9 @@ class CommandHandlers:
             f"not enough stock for {sku!r}: {quantity} requested, {stock} available", "INSUFFICIENT_STOCK", sku
         )
 
-    async def cancel_order(self, request: commands_pb2.CancelOrderRequest, ctx: CommandContext) -> commands_pb2.CancelOrderResponse:
+    async def cancel_order(
+        self, request: commands_pb2.CancelOrderRequest, ctx: CommandContext
+    ) -> commands_pb2.CancelOrderResponse:
         """Cancel a PLACED order and give its units back to stock."""
         domain.validate_cancel_order(request)
         order_id = request.order_id.lower()
@@ -218,11 +257,14 @@ class CommandHandlers:
             if order.status != domain.ORDER_PLACED:
                 raise FailedPrecondition(
                     f"order {order_id} is {order.status}, only a PLACED order can be cancelled",
-                    "ORDER_NOT_PLACED", f"orders/{order_id}",
+                    "ORDER_NOT_PLACED",
+                    f"orders/{order_id}",
                 )
             items = (
                 await conn.execute(
-                    sa.select(order_items.c.sku, sa.cast(sa.func.sum(order_items.c.quantity), sa.BigInteger).label("quantity"))
+                    sa.select(
+                        order_items.c.sku, sa.cast(sa.func.sum(order_items.c.quantity), sa.BigInteger).label("quantity")
+                    )
                     .where(order_items.c.order_id == order_id)
                     .group_by(order_items.c.sku)
                     .order_by(order_items.c.sku)
@@ -231,14 +273,17 @@ class CommandHandlers:
             now = datetime.now(UTC)
             version = order.version + 1
             await conn.execute(
-                orders.update().where(orders.c.id == order_id).values(
-                    status=domain.ORDER_CANCELLED, cancel_reason=request.reason, version=version, updated_at=now
-                )
+                orders.update()
+                .where(orders.c.id == order_id)
+                .values(status=domain.ORDER_CANCELLED, cancel_reason=request.reason, version=version, updated_at=now)
             )
-            common = dict(occurred_at=now, correlation_id=ctx.correlation_id, causation_id=ctx.request_id)
+            meta = ctx.events_at(now)
             events = [
                 build_event(
-                    aggregate_type=ORDER, aggregate_id=order_id, version=version, **common,
+                    meta,
+                    ORDER,
+                    order_id,
+                    version,
                     order_cancelled=events_pb2.OrderCancelled(reason=request.reason, cancelled_at=timestamp(now)),
                 )
             ]
@@ -246,7 +291,8 @@ class CommandHandlers:
             for item in items:  # ascending SKU order
                 row = (
                     await conn.execute(
-                        products.update().where(products.c.sku == item.sku)
+                        products.update()
+                        .where(products.c.sku == item.sku)
                         .values(stock=products.c.stock + item.quantity, version=products.c.version + 1, updated_at=now)
                         .returning(products.c.stock, products.c.version)
                     )
@@ -254,8 +300,13 @@ class CommandHandlers:
                 versions[(PRODUCT, item.sku)] = row.version
                 events.append(
                     build_event(
-                        aggregate_type=PRODUCT, aggregate_id=item.sku, version=row.version, **common,
-                        stock_released=events_pb2.StockReleased(order_id=order_id, quantity=item.quantity, stock=row.stock),
+                        meta,
+                        PRODUCT,
+                        item.sku,
+                        row.version,
+                        stock_released=events_pb2.StockReleased(
+                            order_id=order_id, quantity=item.quantity, stock=row.stock
+                        ),
                     )
                 )
             response = commands_pb2.CancelOrderResponse(
@@ -283,7 +334,8 @@ class CommandHandlers:
             if new_stock < 0:
                 raise FailedPrecondition(
                     f"stock of {request.sku!r} would become {new_stock}; it is {product.stock}",
-                    "INSUFFICIENT_STOCK", request.sku,
+                    "INSUFFICIENT_STOCK",
+                    request.sku,
                 )
             if new_stock > domain.MAX_STOCK:
                 raise FailedPrecondition(
@@ -292,16 +344,21 @@ class CommandHandlers:
             now = datetime.now(UTC)
             version = product.version + 1
             await conn.execute(
-                products.update().where(products.c.sku == request.sku)
+                products.update()
+                .where(products.c.sku == request.sku)
                 .values(stock=new_stock, version=version, updated_at=now)
             )
             event = build_event(
-                aggregate_type=PRODUCT, aggregate_id=request.sku, version=version, occurred_at=now,
-                correlation_id=ctx.correlation_id, causation_id=ctx.request_id,
+                ctx.events_at(now),
+                PRODUCT,
+                request.sku,
+                version,
                 inventory_adjusted=events_pb2.InventoryAdjusted(delta=new_stock - product.stock, stock=new_stock),
             )
             response = commands_pb2.UpdateInventoryResponse(
-                sku=request.sku, version=version, stock=new_stock,
+                sku=request.sku,
+                version=version,
+                stock=new_stock,
                 consistency_token=consistency.encode({(PRODUCT, request.sku): version}),
             )
             await _finish(conn, request.request_id, [event], response)
@@ -324,8 +381,16 @@ class CommandHandlers:
                 created = (
                     await conn.execute(
                         pg_insert(products)
-                        .values(sku=request.sku, name=request.name, unit_price_minor=price.minor_units,
-                                currency=price.currency_code, stock=0, version=1, created_at=now, updated_at=now)
+                        .values(
+                            sku=request.sku,
+                            name=request.name,
+                            unit_price_minor=price.minor_units,
+                            currency=price.currency_code,
+                            stock=0,
+                            version=1,
+                            created_at=now,
+                            updated_at=now,
+                        )
                         .on_conflict_do_nothing()
                         .returning(products.c.version)
                     )
@@ -340,20 +405,28 @@ class CommandHandlers:
             else:
                 version, stock = current + 1, product.stock
                 await conn.execute(
-                    products.update().where(products.c.sku == request.sku).values(
-                        name=request.name, unit_price_minor=price.minor_units, currency=price.currency_code,
-                        version=version, updated_at=now,
+                    products.update()
+                    .where(products.c.sku == request.sku)
+                    .values(
+                        name=request.name,
+                        unit_price_minor=price.minor_units,
+                        currency=price.currency_code,
+                        version=version,
+                        updated_at=now,
                     )
                 )
             event = build_event(
-                aggregate_type=PRODUCT, aggregate_id=request.sku, version=version, occurred_at=now,
-                correlation_id=ctx.correlation_id, causation_id=ctx.request_id,
+                ctx.events_at(now),
+                PRODUCT,
+                request.sku,
+                version,
                 product_upserted=events_pb2.ProductUpserted(
                     name=request.name, unit_price=_money(price.minor_units, price.currency_code), stock=stock
                 ),
             )
             response = commands_pb2.UpsertProductResponse(
-                sku=request.sku, version=version,
+                sku=request.sku,
+                version=version,
                 consistency_token=consistency.encode({(PRODUCT, request.sku): version}),
             )
             await _finish(conn, request.request_id, [event], response)
@@ -367,4 +440,3 @@ class CommandHandlers:
                 sa.select(products.c.stock, products.c.version).where(products.c.sku == sku).with_for_update()
             )
         ).first()
-

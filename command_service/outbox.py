@@ -16,6 +16,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -69,10 +70,8 @@ class OutboxRelay:
                     await self._drop_connection()
                     published = 0
                 if published < self._settings.relay_batch:  # backlog drained: wait for a commit or the poll
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self._settings.relay_poll_interval)
-                    except TimeoutError:
-                        pass
                     self._wake.clear()
         finally:
             await self._drop_connection()
@@ -94,7 +93,9 @@ class OutboxRelay:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         conn = await psycopg.AsyncConnection.connect(
-            libpq_url(self._settings.write_database_url), autocommit=True, application_name="orders-relay",
+            libpq_url(self._settings.write_database_url),
+            autocommit=True,
+            application_name="orders-relay",
             connect_timeout=5,
         )
         cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,))
@@ -141,7 +142,9 @@ class OutboxRelay:
         if failures:
             log.warning(
                 "outbox relay: %d of %d publishes failed (%s); they stay in the outbox and are retried",
-                len(failures), len(rows), failures[0].__class__.__name__,
+                len(failures),
+                len(rows),
+                failures[0].__class__.__name__,
             )
             await asyncio.sleep(min(self._settings.relay_poll_interval, 1.0))
         else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import signal
 import sys
@@ -68,8 +69,12 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             nats = local_stack.start_nats(data_dir / "nats")
             infra.append(nats)
             settings = Settings(
-                **{**settings.__dict__, "write_database_url": pg.url("orders_write"),
-                   "read_database_url": pg.url("orders_read"), "nats_url": nats.url}
+                **{
+                    **settings.__dict__,
+                    "write_database_url": pg.url("orders_write"),
+                    "read_database_url": pg.url("orders_read"),
+                    "nats_url": nats.url,
+                }
             )
             print(f"PostgreSQL  {pg.url('')}  (pid {pg.process.pid})")
             print(f"NATS        {nats.url}  (pid {nats.process.pid}, JetStream)")
@@ -78,9 +83,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         for module in local_stack.SERVICES:
             started.append(local_stack.start_service(module, env, data_dir / "logs"))
         for address in (settings.command_addr, settings.query_addr):
-            local_stack.wait_until(
-                lambda a=address: _serving_or_dead(a, started), 60, f"gRPC health SERVING on {address}"
-            )
+            serving = functools.partial(_serving_or_dead, address, started)
+            local_stack.wait_until(serving, 60, f"gRPC health SERVING on {address}")
         print(f"CommandService  {settings.command_addr}")
         print(f"QueryService    {settings.query_addr}")
         print(f"logs in {(data_dir / 'logs').resolve()}; Ctrl-C stops everything", flush=True)
@@ -168,9 +172,13 @@ def _call(args: argparse.Namespace, settings: Settings, service: str, method: st
 
     from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
 
-    address = args.command_addr or settings.command_addr if service == "command" else args.query_addr or settings.query_addr
+    address = (
+        args.command_addr or settings.command_addr if service == "command" else args.query_addr or settings.query_addr
+    )
     with grpc.insecure_channel(address) as channel:
-        stub = (commands_pb2_grpc.CommandServiceStub if service == "command" else queries_pb2_grpc.QueryServiceStub)(channel)
+        stub = (commands_pb2_grpc.CommandServiceStub if service == "command" else queries_pb2_grpc.QueryServiceStub)(
+            channel
+        )
         try:
             reply = getattr(stub, method)(request, timeout=None if args.follow else args.timeout)
             if hasattr(reply, "__iter__") and not hasattr(reply, "DESCRIPTOR"):
@@ -220,7 +228,8 @@ def cmd_place_order(args: argparse.Namespace, settings: Settings) -> int:
     from orders.v1 import commands_pb2
 
     request = commands_pb2.PlaceOrderRequest(
-        request_id=_request_id(args), customer_id=args.customer,
+        request_id=_request_id(args),
+        customer_id=args.customer,
         lines=[commands_pb2.PlaceOrderLine(sku=sku, quantity=qty) for sku, qty in args.line],
     )
     return _call(args, settings, "command", "PlaceOrder", request)
@@ -252,7 +261,9 @@ def cmd_upsert_product(args: argparse.Namespace, settings: Settings) -> int:
     from orders.v1 import commands_pb2, common_pb2
 
     request = commands_pb2.UpsertProductRequest(
-        request_id=_request_id(args), sku=args.sku, name=args.name,
+        request_id=_request_id(args),
+        sku=args.sku,
+        name=args.name,
         unit_price=common_pb2.Money(currency_code=args.currency, minor_units=args.price_minor),
     )
     if args.expected_version is not None:
@@ -271,7 +282,8 @@ def _filter(args: argparse.Namespace) -> Any:
     from orders.v1 import common_pb2, queries_pb2
 
     statuses = {"placed": common_pb2.ORDER_STATUS_PLACED, "cancelled": common_pb2.ORDER_STATUS_CANCELLED}
-    return queries_pb2.OrderFilter(customer_id=args.customer or "", status=statuses.get(args.status or "", 0))
+    status = statuses.get(args.status or "", common_pb2.ORDER_STATUS_UNSPECIFIED)
+    return queries_pb2.OrderFilter(customer_id=args.customer or "", status=status)
 
 
 def cmd_list_orders(args: argparse.Namespace, settings: Settings) -> int:
@@ -306,7 +318,9 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     from orders.v1 import queries_pb2
 
     request = queries_pb2.WatchOrderSummariesRequest(
-        order_ids=args.order or [], customer_id=args.customer or "", include_snapshot=args.snapshot,
+        order_ids=args.order or [],
+        customer_id=args.customer or "",
+        include_snapshot=args.snapshot,
         after_sequence=args.after_sequence,
     )
     args.follow = True
@@ -332,8 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("up", cmd_up, "run PostgreSQL, NATS and all services locally (Ctrl-C stops all)")
     p.add_argument("--data-dir", default=".orders-data", help="where data and logs live (default .orders-data)")
-    p.add_argument("--external", action="store_true",
-                   help="use the PostgreSQL and NATS named by ORDERS_* URLs instead of starting them")
+    p.add_argument(
+        "--external",
+        action="store_true",
+        help="use the PostgreSQL and NATS named by ORDERS_* URLs instead of starting them",
+    )
     add("command-service", _run_module("command_service"), "run the CommandService (with its outbox relay)")
     add("query-service", _run_module("query_service"), "run the QueryService")
     add("projector", _run_module("projector"), "run the projector")
@@ -369,8 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("get-order", cmd_get_order, "show one order's summary", client=True)
     p.add_argument("order_id")
     p.add_argument("--token", default="", help="consistency token from a command: wait until it is visible")
-    for name, func, text in (("list-orders", cmd_list_orders, "stream order summaries"),
-                             ("search-orders", cmd_search_orders, "full-text search over orders")):
+    for name, func, text in (
+        ("list-orders", cmd_list_orders, "stream order summaries"),
+        ("search-orders", cmd_search_orders, "full-text search over orders"),
+    ):
         p = add(name, func, text, client=True)
         if name == "search-orders":
             p.add_argument("query")

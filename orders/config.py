@@ -108,7 +108,9 @@ class Settings:
                 raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
         settings = cls(**values)
         if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"{PREFIX}LOG_LEVEL={settings.log_level!r} is invalid: expected DEBUG, INFO, WARNING or ERROR")
+            raise ConfigError(
+                f"{PREFIX}LOG_LEVEL={settings.log_level!r} is invalid: expected DEBUG, INFO, WARNING or ERROR"
+            )
         return settings
 
     def to_env(self) -> dict[str, str]:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import psycopg
-from psycopg import sql
 import sqlalchemy as sa
+from psycopg import sql
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine

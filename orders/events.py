@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from orders.v1 import events_pb2
 
@@ -42,32 +43,34 @@ class OutgoingEvent:
     payload: bytes
 
 
+@dataclass(frozen=True)
+class EventContext:
+    """What every event of one command shares: when it happened and which request caused it."""
+
+    occurred_at: datetime
+    correlation_id: str
+    causation_id: str
+
+
 def build_event(
-    *,
-    aggregate_type: str,
-    aggregate_id: str,
-    version: int,
-    occurred_at: datetime,
-    correlation_id: str,
-    causation_id: str,
-    **payload: object,
+    context: EventContext, aggregate_type: str, aggregate_id: str, version: int, **payload: Message
 ) -> OutgoingEvent:
     """Wrap exactly one payload (keyword = the envelope's oneof field name) in an envelope."""
-    (kind, body), = payload.items()
+    ((kind, body),) = payload.items()
     envelope = events_pb2.EventEnvelope(
         event_id=str(uuid.uuid4()),
         aggregate_type=aggregate_type,
         aggregate_id=aggregate_id,
         aggregate_version=version,
-        occurred_at=timestamp(occurred_at),
-        correlation_id=correlation_id,
-        causation_id=causation_id,
-        **{kind: body},
+        occurred_at=timestamp(context.occurred_at),
+        correlation_id=context.correlation_id,
+        causation_id=context.causation_id,
     )
+    getattr(envelope, kind).CopyFrom(body)
     headers = {
         HEADER_MSG_ID: envelope.event_id,
         HEADER_EVENT_TYPE: kind,
-        HEADER_CORRELATION_ID: correlation_id,
+        HEADER_CORRELATION_ID: context.correlation_id,
     }
     return OutgoingEvent(
         event_id=envelope.event_id,

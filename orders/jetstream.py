@@ -22,6 +22,7 @@ async def connect(url: str, name: str, *, retry_forever: bool = True) -> NATS:
 
     With retry_forever the first connection is retried too, so a service can start before NATS.
     """
+
     async def on_disconnect() -> None:
         log.warning("disconnected from NATS")
 

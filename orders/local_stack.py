@@ -84,13 +84,24 @@ class ManagedProcess:
             return ""
 
 
-def _spawn(name: str, args: list[str], log_path: Path, env: Mapping[str, str] | None = None,
-           user: str | None = None, stop_signal: int = signal.SIGTERM) -> ManagedProcess:
+def _spawn(
+    name: str,
+    args: list[str],
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
+    user: str | None = None,
+    stop_signal: int = signal.SIGTERM,
+) -> ManagedProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=dict(env) if env is not None else None, user=user, start_new_session=True,
+            args,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=dict(env) if env is not None else None,
+            user=user,
+            start_new_session=True,
         )
     return ManagedProcess(name, proc, log_path, stop_signal)
 
@@ -155,9 +166,20 @@ def start_postgres(data_dir: Path, port: int | None = None, *, durable: bool = T
     bin_dir = _postgres_bin()
     if not (data_dir / "PG_VERSION").exists():
         subprocess.run(
-            [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
-             "--no-instructions", *([] if durable else ["--no-sync"])],
-            check=True, capture_output=True, user=user,
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-instructions",
+                *([] if durable else ["--no-sync"]),
+            ],
+            check=True,
+            capture_output=True,
+            user=user,
         )
     os.chmod(data_dir, 0o700)
     port = port or free_port()
@@ -165,17 +187,23 @@ def start_postgres(data_dir: Path, port: int | None = None, *, durable: bool = T
     if not durable:
         settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
     process = _spawn(
-        "postgres", [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port), *settings],
-        data_dir.parent / f"{data_dir.name}.log", user=user, stop_signal=signal.SIGINT,
+        "postgres",
+        [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port), *settings],
+        data_dir.parent / f"{data_dir.name}.log",
+        user=user,
+        stop_signal=signal.SIGINT,
     )
     pg = LocalPostgres(process, port)
 
     def ready() -> bool:
         if not process.alive():
             raise RuntimeError(f"PostgreSQL exited during start-up:\n{process.log_tail()}")
-        return subprocess.run(
-            [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-q"], check=False
-        ).returncode == 0
+        return (
+            subprocess.run(
+                [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-q"], check=False
+            ).returncode
+            == 0
+        )
 
     wait_until(ready, 60, f"PostgreSQL on port {port}")
     return pg
@@ -237,7 +265,9 @@ def _nats_healthy(nats: LocalNats) -> bool:
     if not nats.process.alive():
         raise RuntimeError(f"nats-server exited during start-up:\n{nats.process.log_tail()}")
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{nats.monitor_port}/healthz?js-enabled-only=true", timeout=1) as r:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{nats.monitor_port}/healthz?js-enabled-only=true", timeout=1
+        ) as r:
             return bool(r.status == 200)
     except OSError:
         return False

@@ -132,9 +132,7 @@ class Projector:
                 event = parse_event(msg.data)
                 check_applicable(event)
             except (UndecodableEvent, NeverApplicable) as exc:
-                log.error(
-                    "terminating event at stream sequence %d: %s", msg.metadata.sequence.stream, exc
-                )
+                log.error("terminating event at stream sequence %d: %s", msg.metadata.sequence.stream, exc)
                 await msg.term()
                 continue
             decoded.append((msg, event))
@@ -154,7 +152,9 @@ class Projector:
             if outcome is Outcome.GAP:
                 log.debug(
                     "%s %s version %d arrived before its predecessor; retrying later",
-                    event.aggregate_type, event.aggregate_id, event.aggregate_version,
+                    event.aggregate_type,
+                    event.aggregate_id,
+                    event.aggregate_version,
                 )
                 await msg.nak(delay=self._settings.gap_retry_delay)
             else:

@@ -48,8 +48,12 @@ def _when(ts: Any) -> datetime:
 _FIRST_ONLY = {"order_placed"}
 _NEVER_FIRST = {"order_cancelled", "inventory_adjusted", "stock_reserved", "stock_released"}
 _AGGREGATE_OF = {
-    "order_placed": "order", "order_cancelled": "order", "product_upserted": "product",
-    "inventory_adjusted": "product", "stock_reserved": "product", "stock_released": "product",
+    "order_placed": "order",
+    "order_cancelled": "order",
+    "product_upserted": "product",
+    "inventory_adjusted": "product",
+    "stock_reserved": "product",
+    "stock_released": "product",
 }
 
 
@@ -97,7 +101,9 @@ def _search_document(customer_id: str, lines: list[events_pb2.OrderLine]) -> Any
     return sa.func.to_tsvector("simple", words)
 
 
-async def apply_event(conn: AsyncConnection, event: events_pb2.EventEnvelope, stream_seq: int) -> tuple[Outcome, Change]:
+async def apply_event(
+    conn: AsyncConnection, event: events_pb2.EventEnvelope, stream_seq: int
+) -> tuple[Outcome, Change]:
     """Apply one decoded event (that passed check_applicable) in the caller's transaction."""
     kind = event.WhichOneof("payload")
     version = event.aggregate_version
@@ -106,26 +112,51 @@ async def apply_event(conn: AsyncConnection, event: events_pb2.EventEnvelope, st
     if kind == "order_placed":
         placed = event.order_placed
         lines = [
-            {"sku": l.sku, "name": l.name, "quantity": l.quantity, "unit_price_minor": l.unit_price.minor_units}
-            for l in placed.lines
+            {
+                "sku": line.sku,
+                "name": line.name,
+                "quantity": line.quantity,
+                "unit_price_minor": line.unit_price.minor_units,
+            }
+            for line in placed.lines
         ]
         outcome = await _apply_versioned(
-            conn, order_summaries, order_summaries.c.order_id, key, version,
+            conn,
+            order_summaries,
+            order_summaries.c.order_id,
+            key,
+            version,
             insert_values=dict(
-                order_id=key, customer_id=placed.customer_id, status="PLACED", lines=lines,
-                item_count=sum(l.quantity for l in placed.lines), total_minor=placed.total.minor_units,
-                currency=placed.total.currency_code, placed_at=_when(placed.placed_at), updated_at=occurred,
-                version=version, stream_seq=stream_seq, search=_search_document(placed.customer_id, list(placed.lines)),
+                order_id=key,
+                customer_id=placed.customer_id,
+                status="PLACED",
+                lines=lines,
+                item_count=sum(line.quantity for line in placed.lines),
+                total_minor=placed.total.minor_units,
+                currency=placed.total.currency_code,
+                placed_at=_when(placed.placed_at),
+                updated_at=occurred,
+                version=version,
+                stream_seq=stream_seq,
+                search=_search_document(placed.customer_id, list(placed.lines)),
             ),
             update_values=None,
         )
         return outcome, Change("order", key, version, stream_seq, placed.customer_id)
     if kind == "order_cancelled":
         outcome = await _apply_versioned(
-            conn, order_summaries, order_summaries.c.order_id, key, version, insert_values=None,
+            conn,
+            order_summaries,
+            order_summaries.c.order_id,
+            key,
+            version,
+            insert_values=None,
             update_values=dict(
-                status="CANCELLED", cancel_reason=event.order_cancelled.reason, updated_at=occurred,
-                version=version, stream_seq=stream_seq,
+                status="CANCELLED",
+                cancel_reason=event.order_cancelled.reason,
+                updated_at=occurred,
+                version=version,
+                stream_seq=stream_seq,
             ),
         )
         customer = ""
@@ -137,18 +168,33 @@ async def apply_event(conn: AsyncConnection, event: events_pb2.EventEnvelope, st
     if kind == "product_upserted":
         up = event.product_upserted
         values = dict(
-            name=up.name, unit_price_minor=up.unit_price.minor_units, currency=up.unit_price.currency_code,
-            stock=up.stock, version=version, stream_seq=stream_seq, updated_at=occurred,
+            name=up.name,
+            unit_price_minor=up.unit_price.minor_units,
+            currency=up.unit_price.currency_code,
+            stock=up.stock,
+            version=version,
+            stream_seq=stream_seq,
+            updated_at=occurred,
         )
         outcome = await _apply_versioned(
-            conn, product_views, product_views.c.sku, key, version,
-            insert_values=dict(sku=key, **values), update_values=values,
+            conn,
+            product_views,
+            product_views.c.sku,
+            key,
+            version,
+            insert_values=dict(sku=key, **values),
+            update_values=values,
         )
         return outcome, Change("product", key, version, stream_seq)
     if kind in ("inventory_adjusted", "stock_reserved", "stock_released"):
         stock = getattr(event, kind).stock
         outcome = await _apply_versioned(
-            conn, product_views, product_views.c.sku, key, version, insert_values=None,
+            conn,
+            product_views,
+            product_views.c.sku,
+            key,
+            version,
+            insert_values=None,
             update_values=dict(stock=stock, version=version, stream_seq=stream_seq, updated_at=occurred),
         )
         return outcome, Change("product", key, version, stream_seq)

@@ -10,6 +10,7 @@ waiters re-check and all watches re-sync from the table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import defaultdict
@@ -145,10 +146,8 @@ class ChangeFeed:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return False
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(waiter.event.wait(), remaining)
-                except TimeoutError:
-                    pass
         finally:
             self._waiters.discard(waiter)
 

@@ -12,7 +12,7 @@ from orders.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from orders.grpc_server import rpc
 from orders.v1 import queries_pb2, queries_pb2_grpc
 from query_service import views
-from query_service.changes import OVERFLOW, RESYNC, ChangeFeed, Watch
+from query_service.changes import OVERFLOW, ChangeFeed, Watch
 from query_service.views import ReadModel
 
 MAX_WATCHED_ORDERS = 100
@@ -115,14 +115,15 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
             while True:
                 item = await watch.queue.get()
                 if item == OVERFLOW:
-                    raise Unavailable("watch stream cut off: the client did not read changes fast enough; reconnect "
-                                      "with after_sequence set to the last stream_sequence received")
-                updates = await selection() if item == RESYNC else [item]
-                for summary in updates:
-                    assert isinstance(summary, queries_pb2.OrderSummary)
-                    if summary.version > sent.get(summary.order_id, 0):
-                        sent[summary.order_id] = summary.version
-                        yield queries_pb2.WatchOrderSummariesResponse(summary=summary, snapshot=False)
+                    raise Unavailable(
+                        "watch stream cut off: the client did not read changes fast enough; reconnect "
+                        "with after_sequence set to the last stream_sequence received"
+                    )
+                updates = await selection() if isinstance(item, str) else [item]  # str: RESYNC
+                for change in updates:
+                    if change.version > sent.get(change.order_id, 0):
+                        sent[change.order_id] = change.version
+                        yield queries_pb2.WatchOrderSummariesResponse(summary=change, snapshot=False)
         finally:
             self._feed.unsubscribe(watch)
 
@@ -135,5 +136,3 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
         if len(request.customer_id) > 128:
             raise InvalidArgument([FieldViolation("customer_id", "must be at most 128 characters")])
         return sorted({_order_id(v, f"order_ids[{i}]") for i, v in enumerate(request.order_ids)})
-
-

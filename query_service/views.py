@@ -43,7 +43,9 @@ def summary_message(row: Any) -> queries_pb2.OrderSummary:
         status=_STATUS_ENUMS.get(row.status, common_pb2.ORDER_STATUS_UNSPECIFIED),
         lines=[
             queries_pb2.OrderSummaryLine(
-                sku=line["sku"], name=line["name"], quantity=line["quantity"],
+                sku=line["sku"],
+                name=line["name"],
+                quantity=line["quantity"],
                 unit_price=_money(line["unit_price_minor"], row.currency),
                 line_total=_money(line["unit_price_minor"] * line["quantity"], row.currency),
             )
@@ -61,8 +63,12 @@ def summary_message(row: Any) -> queries_pb2.OrderSummary:
 
 def product_message(row: Any) -> queries_pb2.ProductView:
     return queries_pb2.ProductView(
-        sku=row.sku, name=row.name, unit_price=_money(row.unit_price_minor, row.currency),
-        stock=row.stock, version=row.version, updated_at=_ts(row.updated_at),
+        sku=row.sku,
+        name=row.name,
+        unit_price=_money(row.unit_price_minor, row.currency),
+        stock=row.stock,
+        version=row.version,
+        updated_at=_ts(row.updated_at),
     )
 
 
@@ -219,8 +225,9 @@ class ReadModel:
         async with self._engine.connect() as conn:
             if order_ids:
                 for ident, version in await conn.execute(
-                    sa.select(order_summaries.c.order_id, order_summaries.c.version)
-                    .where(order_summaries.c.order_id.in_(order_ids))
+                    sa.select(order_summaries.c.order_id, order_summaries.c.version).where(
+                        order_summaries.c.order_id.in_(order_ids)
+                    )
                 ):
                     found[("order", ident)] = version
             if skus:

@@ -57,9 +57,10 @@ def _testcontainers() -> Iterator[Infra]:
     from testcontainers.core.waiting_utils import wait_for_logs
     from testcontainers.postgres import PostgresContainer
 
-    with PostgresContainer("postgres:17", driver=None) as pg, DockerContainer("nats:2.11").with_command(
-        "-js -sd /data"
-    ).with_exposed_ports(4222) as nats:
+    with (
+        PostgresContainer("postgres:17", driver=None) as pg,
+        DockerContainer("nats:2.11").with_command("-js -sd /data").with_exposed_ports(4222) as nats,
+    ):
         wait_for_logs(nats, "Server is ready", timeout=60)
         base = make_url(pg.get_connection_url())
         nats_url = f"nats://{nats.get_container_host_ip()}:{nats.get_exposed_port(4222)}"
@@ -88,8 +89,11 @@ def stack(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     command_channel = grpc.insecure_channel(settings.command_addr)
     query_channel = grpc.insecure_channel(settings.query_addr)
     running = Stack(
-        settings, processes, commands_pb2_grpc.CommandServiceStub(command_channel),
-        queries_pb2_grpc.QueryServiceStub(query_channel), log_dir,
+        settings,
+        processes,
+        commands_pb2_grpc.CommandServiceStub(command_channel),
+        queries_pb2_grpc.QueryServiceStub(query_channel),
+        log_dir,
     )
     try:
         for module in local_stack.SERVICES:
@@ -102,5 +106,3 @@ def stack(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
         query_channel.close()
         for proc in processes.values():
             proc.stop()
-
-

@@ -25,7 +25,10 @@ class Up:
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "orders.cli", "up", "--data-dir", str(data_dir)],
-                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
             )
         local_stack.wait_until(self._ready, 90, "orders up to print the QueryService address")
 
@@ -50,8 +53,9 @@ class Up:
 
 
 def cli(env: dict[str, str], *args: str) -> dict:  # type: ignore[type-arg]
-    result = subprocess.run([sys.executable, "-m", "orders.cli", *args, "--json"], env=env,
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [sys.executable, "-m", "orders.cli", *args, "--json"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[-1])
 

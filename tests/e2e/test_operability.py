@@ -13,10 +13,13 @@ from tests.support import Stack
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize(("address_of", "service"), [
-    (lambda s: s.settings.command_addr, "orders.v1.CommandService"),
-    (lambda s: s.settings.query_addr, "orders.v1.QueryService"),
-])
+@pytest.mark.parametrize(
+    ("address_of", "service"),
+    [
+        (lambda s: s.settings.command_addr, "orders.v1.CommandService"),
+        (lambda s: s.settings.query_addr, "orders.v1.QueryService"),
+    ],
+)
 def test_health_and_reflection(stack: Stack, address_of, service: str) -> None:  # type: ignore[no-untyped-def]
     with grpc.insecure_channel(address_of(stack)) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -40,7 +43,8 @@ def test_a_call_built_only_from_reflection(stack: Stack) -> None:
         response_class = message_factory.GetMessageClass(method.output_type)
         request = json_format.Parse(
             '{"request_id": "reflection-1", "sku": "REFLECT-1", "name": "Mirror",'
-            ' "unit_price": {"currency_code": "EUR", "minor_units": 1500}}', request_class()
+            ' "unit_price": {"currency_code": "EUR", "minor_units": 1500}}',
+            request_class(),
         )
         call = channel.unary_unary(
             "/orders.v1.CommandService/UpsertProduct",

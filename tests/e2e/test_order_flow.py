@@ -30,7 +30,9 @@ def new_sku() -> str:
 def add_product(stack: Stack, sku: str, price: int, stock: int, name: str = "Test product") -> None:
     stack.commands.UpsertProduct(
         commands_pb2.UpsertProductRequest(
-            request_id=new_id(), sku=sku, name=name,
+            request_id=new_id(),
+            sku=sku,
+            name=name,
             unit_price=common_pb2.Money(currency_code="EUR", minor_units=price),
         ),
         timeout=5,
@@ -54,10 +56,13 @@ def summary(stack: Stack, order_id: str) -> queries_pb2.OrderSummary | None:
         raise
 
 
-def place(stack: Stack, customer: str, *lines: tuple[str, int], request_id: str | None = None) -> commands_pb2.PlaceOrderResponse:
+def place(
+    stack: Stack, customer: str, *lines: tuple[str, int], request_id: str | None = None
+) -> commands_pb2.PlaceOrderResponse:
     return stack.commands.PlaceOrder(
         commands_pb2.PlaceOrderRequest(
-            request_id=request_id or new_id(), customer_id=customer,
+            request_id=request_id or new_id(),
+            customer_id=customer,
             lines=[commands_pb2.PlaceOrderLine(sku=s, quantity=q) for s, q in lines],
         ),
         timeout=5,
@@ -85,8 +90,9 @@ def test_place_then_cancel_is_visible_through_queries(stack: Stack) -> None:
     seen = eventually(lambda: summary(stack, placed.order_id), timeout=2, what="order summary projected")
     assert seen.customer_id == customer
     assert seen.status == common_pb2.ORDER_STATUS_PLACED
-    assert [(l.sku, l.name, l.quantity, l.unit_price.minor_units) for l in seen.lines] == [
-        (widget, "Blue widget", 2, 1999), (gadget, "Red gadget", 1, 500)
+    assert [(line.sku, line.name, line.quantity, line.unit_price.minor_units) for line in seen.lines] == [
+        (widget, "Blue widget", 2, 1999),
+        (gadget, "Red gadget", 1, 500),
     ]
     assert seen.item_count == 3 and seen.total.minor_units == 4498
     eventually(lambda: (p := product_view(stack, widget)) and p.stock == 8, timeout=2, what="widget stock 8")
@@ -99,7 +105,8 @@ def test_place_then_cancel_is_visible_through_queries(stack: Stack) -> None:
     assert cancelled.version == 2
     after = eventually(
         lambda: (s := summary(stack, placed.order_id)) and s.status == common_pb2.ORDER_STATUS_CANCELLED and s,
-        timeout=2, what="order cancelled in the read model",
+        timeout=2,
+        what="order cancelled in the read model",
     )
     assert after.cancel_reason == "changed my mind" and after.version == 2
     eventually(lambda: (p := product_view(stack, widget)) and p.stock == 10, timeout=2, what="widget stock back")
@@ -131,12 +138,16 @@ def test_order_beyond_stock_is_refused_and_changes_nothing(stack: Stack) -> None
     assert write_db_count(stack, "SELECT stock FROM products WHERE sku = %s", sku) == 3
     # A later write to the same product is projected; had the refused order changed anything, the
     # product's version or stock would show it.
-    stack.commands.UpdateInventory(commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, delta=1), timeout=5)
+    stack.commands.UpdateInventory(
+        commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, delta=1), timeout=5
+    )
     after = eventually(lambda: (p := product_view(stack, sku)) and p.stock == 4 and p, timeout=2, what="stock 4")
     assert after.version == before.version + 1
-    listed = list(stack.queries.ListOrderSummaries(
-        queries_pb2.ListOrderSummariesRequest(filter=queries_pb2.OrderFilter(customer_id=customer)), timeout=5
-    ))
+    listed = list(
+        stack.queries.ListOrderSummaries(
+            queries_pb2.ListOrderSummariesRequest(filter=queries_pb2.OrderFilter(customer_id=customer)), timeout=5
+        )
+    )
     assert listed == []
 
 
@@ -156,9 +167,11 @@ def test_repeated_request_id_returns_the_same_order_and_places_nothing_new(stack
         place(stack, customer, (sku, 4), request_id=request_id)
     assert reused.value.code() == grpc.StatusCode.ALREADY_EXISTS
     eventually(lambda: summary(stack, first.order_id), timeout=2, what="order projected")
-    orders = list(stack.queries.ListOrderSummaries(
-        queries_pb2.ListOrderSummariesRequest(filter=queries_pb2.OrderFilter(customer_id=customer)), timeout=5
-    ))
+    orders = list(
+        stack.queries.ListOrderSummaries(
+            queries_pb2.ListOrderSummariesRequest(filter=queries_pb2.OrderFilter(customer_id=customer)), timeout=5
+        )
+    )
     assert [o.summary.order_id for o in orders] == [first.order_id]
 
 
@@ -222,7 +235,8 @@ def test_invalid_command_gets_field_violations_and_writes_nothing(stack: Stack) 
     with pytest.raises(grpc.RpcError) as bad:
         stack.commands.PlaceOrder(
             commands_pb2.PlaceOrderRequest(
-                request_id=new_id(), customer_id="",
+                request_id=new_id(),
+                customer_id="",
                 lines=[commands_pb2.PlaceOrderLine(sku="no spaces!", quantity=0)],
             ),
             timeout=5,
@@ -249,7 +263,8 @@ def test_search_and_list_products(stack: Stack) -> None:
     placed = place(stack, customer, (sku, 1))
     found = eventually(
         lambda: stack.queries.SearchOrders(queries_pb2.SearchOrdersRequest(query=sku), timeout=5).summaries,
-        timeout=2, what="order found by SKU",
+        timeout=2,
+        what="order found by SKU",
     )
     assert [s.order_id for s in found] == [placed.order_id]
     by_customer = stack.queries.SearchOrders(
@@ -261,5 +276,3 @@ def test_search_and_list_products(stack: Stack) -> None:
     with pytest.raises(grpc.RpcError) as bad_token:
         stack.queries.SearchOrders(queries_pb2.SearchOrdersRequest(query="x", page_token="garbage!"), timeout=5)
     assert bad_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-

@@ -11,7 +11,7 @@ import pytest
 
 from orders import jetstream
 from orders.db import libpq_url
-from orders.events import PRODUCT, OutgoingEvent, build_event
+from orders.events import PRODUCT, EventContext, OutgoingEvent, build_event
 from orders.v1 import common_pb2, events_pb2
 from tests.support import Stack, eventually
 
@@ -19,12 +19,15 @@ pytestmark = pytest.mark.e2e
 
 
 def product_event(sku: str, version: int, stock: int) -> OutgoingEvent:
-    common = dict(aggregate_type=PRODUCT, aggregate_id=sku, version=version, occurred_at=datetime.now(UTC),
-                  correlation_id="test", causation_id="test")
+    meta = EventContext(occurred_at=datetime.now(UTC), correlation_id="test", causation_id="test")
     if version == 1:
-        return build_event(**common, product_upserted=events_pb2.ProductUpserted(
-            name=f"Product {sku}", unit_price=common_pb2.Money(currency_code="EUR", minor_units=100), stock=stock))
-    return build_event(**common, inventory_adjusted=events_pb2.InventoryAdjusted(delta=1, stock=stock))
+        upserted = events_pb2.ProductUpserted(
+            name=f"Product {sku}", unit_price=common_pb2.Money(currency_code="EUR", minor_units=100), stock=stock
+        )
+        return build_event(meta, PRODUCT, sku, version, product_upserted=upserted)
+    return build_event(
+        meta, PRODUCT, sku, version, inventory_adjusted=events_pb2.InventoryAdjusted(delta=1, stock=stock)
+    )
 
 
 async def publish(stack: Stack, items: list[tuple[OutgoingEvent | tuple[str, bytes], str]]) -> list[bool]:
@@ -54,13 +57,16 @@ def test_out_of_order_and_duplicate_events_apply_once_in_version_order(stack: St
     v1, v2, v3 = product_event(sku, 1, 0), product_event(sku, 2, 5), product_event(sku, 3, 7)
 
     # v3 arrives before v2; a later event of another aggregate tells when the projector has seen v3.
-    asyncio.run(publish(stack, [(v1, v1.event_id), (v3, v3.event_id), (product_event(sentinel, 1, 1), str(uuid.uuid4()))]))
+    asyncio.run(
+        publish(stack, [(v1, v1.event_id), (v3, v3.event_id), (product_event(sentinel, 1, 1), str(uuid.uuid4()))])
+    )
     eventually(lambda: view(stack, sentinel), timeout=5, what="sentinel projected")
     assert view(stack, sku)[:2] == (1, 0)  # type: ignore[index]  # v3 was held back, not applied over v1
 
     # v2 arrives, plus copies: the same msg id (dropped by JetStream) and a re-publish under a new id.
-    duplicates = asyncio.run(publish(stack, [(v2, v2.event_id), (v2, v2.event_id), (v2, str(uuid.uuid4())),
-                                             (v1, str(uuid.uuid4()))]))
+    duplicates = asyncio.run(
+        publish(stack, [(v2, v2.event_id), (v2, v2.event_id), (v2, str(uuid.uuid4())), (v1, str(uuid.uuid4()))])
+    )
     assert duplicates == [False, True, False, False]
     final = eventually(lambda: (v := view(stack, sku)) and v[0] == 3 and v, timeout=10, what="v3 applied")
     assert final[1] == 7
@@ -75,6 +81,10 @@ def test_out_of_order_and_duplicate_events_apply_once_in_version_order(stack: St
 def test_undecodable_event_is_terminated_and_does_not_block_others(stack: Stack) -> None:
     sku = f"P-{uuid.uuid4().hex[:8]}"
     good = product_event(sku, 1, 3)
-    asyncio.run(publish(stack, [((f"orders.v1.events.product.{sku}", b"\xff\x00 not protobuf"), str(uuid.uuid4())),
-                                (good, good.event_id)]))
+    asyncio.run(
+        publish(
+            stack,
+            [((f"orders.v1.events.product.{sku}", b"\xff\x00 not protobuf"), str(uuid.uuid4())), (good, good.event_id)],
+        )
+    )
     assert eventually(lambda: view(stack, sku), timeout=5, what="event after garbage projected")[:2] == (1, 3)

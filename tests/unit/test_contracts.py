@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_generated_code_is_up_to_date() -> None:
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -54,6 +55,22 @@ def test_compose_runs_real_cli_commands_and_nats_config_is_valid() -> None:
         build_parser().parse_args([command])
     for address in re.findall(r'"orders", "health", "([0-9.:]+)"', compose):
         build_parser().parse_args(["health", address])
-    result = subprocess.run([nats_server_binary(), "-t", "-c", str(ROOT / "deploy" / "nats-server.conf")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [nats_server_binary(), "-t", "-c", str(ROOT / "deploy" / "nats-server.conf")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "tool",
+    [
+        ["ruff", "check", "."],
+        ["ruff", "format", "--check", "."],
+        ["mypy", "orders", "command_service", "query_service", "projector"],
+    ],
+    ids=["ruff-check", "ruff-format", "mypy"],
+)
+def test_code_is_lint_and_type_clean(tool: list[str]) -> None:
+    executable = Path(sysconfig.get_path("scripts")) / tool[0]
+    result = subprocess.run([str(executable), *tool[1:]], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

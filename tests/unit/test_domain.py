@@ -18,7 +18,8 @@ def violations(check, request) -> set[str]:  # type: ignore[no-untyped-def]
 
 def order(*lines: tuple[str, int], customer: str = "c-1", request_id: str = "r-1") -> commands_pb2.PlaceOrderRequest:
     return commands_pb2.PlaceOrderRequest(
-        request_id=request_id, customer_id=customer,
+        request_id=request_id,
+        customer_id=customer,
         lines=[commands_pb2.PlaceOrderLine(sku=s, quantity=q) for s, q in lines],
     )
 
@@ -30,7 +31,12 @@ def test_a_good_order_passes() -> None:
 def test_every_bad_field_of_an_order_is_reported_at_once() -> None:
     bad = order(("", 1), ("-starts-with-dash", 0), ("OK", 10_001), ("OK", 1), customer="", request_id="")
     assert violations(domain.validate_place_order, bad) == {
-        "request_id", "customer_id", "lines[0].sku", "lines[1].sku", "lines[1].quantity", "lines[2].quantity",
+        "request_id",
+        "customer_id",
+        "lines[0].sku",
+        "lines[1].sku",
+        "lines[1].quantity",
+        "lines[2].quantity",
         "lines[3].sku",  # duplicate SKU
     }
 
@@ -54,11 +60,15 @@ def test_cancel_needs_a_uuid_and_bounded_reason() -> None:
 
 
 def test_inventory_change_needs_exactly_one_sensible_value() -> None:
-    assert violations(domain.validate_update_inventory, commands_pb2.UpdateInventoryRequest(request_id="r", sku="S")) == {"change"}
-    assert violations(domain.validate_update_inventory,
-                      commands_pb2.UpdateInventoryRequest(request_id="r", sku="S", delta=0)) == {"delta"}
-    assert violations(domain.validate_update_inventory,
-                      commands_pb2.UpdateInventoryRequest(request_id="r", sku="S", set_level=-1)) == {"set_level"}
+    assert violations(
+        domain.validate_update_inventory, commands_pb2.UpdateInventoryRequest(request_id="r", sku="S")
+    ) == {"change"}
+    assert violations(
+        domain.validate_update_inventory, commands_pb2.UpdateInventoryRequest(request_id="r", sku="S", delta=0)
+    ) == {"delta"}
+    assert violations(
+        domain.validate_update_inventory, commands_pb2.UpdateInventoryRequest(request_id="r", sku="S", set_level=-1)
+    ) == {"set_level"}
     domain.validate_update_inventory(commands_pb2.UpdateInventoryRequest(request_id="r", sku="S", delta=-3))
 
 
@@ -67,7 +77,9 @@ def test_product_price_and_currency() -> None:
         request_id="r", sku="S", name="\x00", unit_price=common_pb2.Money(currency_code="eur", minor_units=-1)
     )
     assert violations(domain.validate_upsert_product, bad) == {
-        "name", "unit_price.currency_code", "unit_price.minor_units"
+        "name",
+        "unit_price.currency_code",
+        "unit_price.minor_units",
     }
     missing = commands_pb2.UpsertProductRequest(request_id="r", sku="S", name="n")
     assert violations(domain.validate_upsert_product, missing) == {"unit_price"}

@@ -10,7 +10,7 @@ import pytest
 
 from orders import consistency
 from orders.config import ConfigError, Settings
-from orders.events import UndecodableEvent, build_event, parse_event
+from orders.events import EventContext, UndecodableEvent, build_event, parse_event
 from orders.v1 import events_pb2
 from projector.consumer import NOTIFY_CHUNK_BYTES, change_payloads
 from projector.projections import Change, NeverApplicable, check_applicable
@@ -49,11 +49,8 @@ def test_settings_name_the_bad_variable() -> None:
 
 
 def test_event_envelope_round_trip_and_headers() -> None:
-    event = build_event(
-        aggregate_type="product", aggregate_id="SKU-1", version=2, occurred_at=datetime.now(UTC),
-        correlation_id="corr", causation_id="req",
-        inventory_adjusted=events_pb2.InventoryAdjusted(delta=3, stock=7),
-    )
+    meta = EventContext(occurred_at=datetime.now(UTC), correlation_id="corr", causation_id="req")
+    event = build_event(meta, "product", "SKU-1", 2, inventory_adjusted=events_pb2.InventoryAdjusted(delta=3, stock=7))
     assert event.subject == "orders.v1.events.product.SKU-1"
     assert event.headers["Nats-Msg-Id"] == event.event_id
     parsed = parse_event(event.payload)
@@ -65,12 +62,16 @@ def test_undecodable_and_contradictory_events_are_permanent_errors() -> None:
     with pytest.raises(UndecodableEvent):
         parse_event(b"\xff\xff\xff")
     with pytest.raises(UndecodableEvent):
-        parse_event(events_pb2.EventEnvelope(aggregate_type="order", aggregate_id="x", aggregate_version=1).SerializeToString())
-    placed_late = events_pb2.EventEnvelope(aggregate_type="order", aggregate_id="x", aggregate_version=2,
-                                           order_placed=events_pb2.OrderPlaced())
+        parse_event(
+            events_pb2.EventEnvelope(aggregate_type="order", aggregate_id="x", aggregate_version=1).SerializeToString()
+        )
+    placed_late = events_pb2.EventEnvelope(
+        aggregate_type="order", aggregate_id="x", aggregate_version=2, order_placed=events_pb2.OrderPlaced()
+    )
     with pytest.raises(NeverApplicable):
         check_applicable(placed_late)
-    wrong_aggregate = events_pb2.EventEnvelope(aggregate_type="product", aggregate_id="x", aggregate_version=2,
-                                               order_cancelled=events_pb2.OrderCancelled())
+    wrong_aggregate = events_pb2.EventEnvelope(
+        aggregate_type="product", aggregate_id="x", aggregate_version=2, order_cancelled=events_pb2.OrderCancelled()
+    )
     with pytest.raises(NeverApplicable):
         check_applicable(wrong_aggregate)
