@@ -14,10 +14,10 @@ from orders import db
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.runtime import configure_logging, stop_event
-from orders.v1 import commands_pb2, commands_pb2_grpc
+from orders.v1 import commands_pb2
 
 log = logging.getLogger("command_service")
-SERVICE_NAME = commands_pb2.DESCRIPTOR.services_by_name["CommandService"].full_name
+SERVICE = commands_pb2.DESCRIPTOR.services_by_name["CommandService"]
 
 
 async def serve(settings: Settings) -> None:
@@ -27,11 +27,11 @@ async def serve(settings: Settings) -> None:
     handlers = CommandHandlers(engine, on_commit=relay.wake)
     server, port, health = create_server(
         settings.command_addr,
-        lambda s: commands_pb2_grpc.add_CommandServiceServicer_to_server(CommandService(handlers), s),
-        [SERVICE_NAME],
+        SERVICE,
+        CommandService(handlers),
     )
     await server.start()
-    await set_serving(health, [SERVICE_NAME], True)
+    await set_serving(health, [SERVICE.full_name], True)
     relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
     host = settings.command_addr.rpartition(":")[0]
     log.info("CommandService listening on %s:%d", host, port)
@@ -39,7 +39,7 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
     finally:
         log.info("stopping: no new calls, finishing in-flight ones")
-        await set_serving(health, [SERVICE_NAME], False)
+        await set_serving(health, [SERVICE.full_name], False)
         await server.stop(grace=5)
         relay_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

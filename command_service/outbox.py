@@ -1,24 +1,32 @@
-"""The outbox relay: publishes committed outbox rows to JetStream, in outbox order, at least once.
+"""The outbox relay: publishes committed outbox rows to JetStream, at least once, in order per aggregate.
 
 Invariants:
 - A row is marked published only after JetStream acknowledged it (PubAck), so a crash between
   publish and mark publishes it again; the stream drops the copy because Nats-Msg-Id = event_id
-  (within the stream's duplicate window).
+  (within the stream's duplicate window; the PubAck then says `duplicate`).
 - Rows are read as `WHERE published_at IS NULL ORDER BY id`, never with a cursor over id: ids are
   allocated before commit, and a cursor would skip a row whose transaction committed late.
+- Per aggregate (= per subject), an event is published only after the previous event of that
+  aggregate in the batch was acknowledged, and a failure stops that aggregate's chain for the round.
+  So the stream holds each aggregate's events in version order even when a publish times out, the
+  connection drops mid-batch, or the client re-sends buffered messages after a reconnect. Different
+  aggregates are published concurrently (up to `relay_batch` acks in flight).
 - Only one relay publishes at a time, across processes: it holds a PostgreSQL session advisory lock
   on the connection it reads and marks with. If that connection breaks, the lock goes with it and
-  the relay re-acquires (or another process takes over).
-- A batch is published with up to `relay_batch` acks in flight. Publishes leave in outbox order; if
-  one fails and a later one succeeds, the projector's per-aggregate version check restores order.
+  the relay re-acquires it (or another process, polling, takes over).
+- Published rows are deleted once older than `outbox_retention`, in bounded batches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import os
 import time
+from collections import defaultdict
+from typing import Any
 
 import psycopg
 from nats.aio.client import Client as NATS
@@ -31,6 +39,16 @@ from orders.db import libpq_url
 log = logging.getLogger(__name__)
 
 RELAY_LOCK_KEY = 0x6F72646572730001  # pg_advisory_lock key: "orders" + relay id 1
+CLEANUP_BATCH = 5000
+BACKLOG_LOG_INTERVAL = 10.0
+RETRY_BASE_DELAY = 0.2
+RETRY_MAX_DELAY = 5.0
+
+
+class RoundOutcome(enum.Enum):
+    MORE = "more"  # a full batch went out: go again at once
+    DRAINED = "drained"  # nothing left (or not the leader): wait for a commit or the poll
+    FAILED = "failed"  # publishing or the database failed: retry after a back-off
 
 
 class OutboxRelay:
@@ -39,8 +57,11 @@ class OutboxRelay:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._wake = asyncio.Event()
-        self._conn: psycopg.AsyncConnection | None = None
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._next_cleanup = 0.0
+        self._next_backlog_log = 0.0
         self.published_total = 0
+        self.duplicates_total = 0
         self.is_leader = False
 
     def wake(self) -> None:
@@ -62,17 +83,26 @@ class OutboxRelay:
         try:
             await self._ensure_stream(nc)
             js = nc.jetstream(timeout=5)
+            failures = 0
             while True:
                 try:
-                    published = await self._round(js)
+                    outcome = await self._round(js)
+                    await self._housekeeping()
                 except (psycopg.Error, OSError) as exc:
                     log.warning("outbox relay: database error (%s); retrying", exc)
                     await self._drop_connection()
-                    published = 0
-                if published < self._settings.relay_batch:  # backlog drained: wait for a commit or the poll
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self._settings.relay_poll_interval)
-                    self._wake.clear()
+                    outcome = RoundOutcome.FAILED
+                if outcome is RoundOutcome.MORE:
+                    failures = 0
+                    continue
+                if outcome is RoundOutcome.FAILED:  # retry soon, backing off, whether or not commits arrive
+                    failures += 1
+                    await asyncio.sleep(min(RETRY_BASE_DELAY * 2 ** (failures - 1), RETRY_MAX_DELAY))
+                    continue
+                failures = 0
+                with contextlib.suppress(TimeoutError):  # drained: wait for a commit, or poll
+                    await asyncio.wait_for(self._wake.wait(), self._settings.relay_poll_interval)
+                self._wake.clear()
         finally:
             await self._drop_connection()
             await jetstream.close(nc)
@@ -88,25 +118,23 @@ class OutboxRelay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _leader_connection(self) -> psycopg.AsyncConnection | None:
+    async def _leader_connection(self) -> psycopg.AsyncConnection[Any] | None:
         """The connection holding the relay lock, or None when another relay holds it."""
         if self._conn is not None and not self._conn.closed:
             return self._conn
         conn = await psycopg.AsyncConnection.connect(
             libpq_url(self._settings.write_database_url),
             autocommit=True,
-            application_name="orders-relay",
+            application_name=f"orders-relay-{os.getpid()}",
             connect_timeout=5,
         )
         cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK_KEY,))
         row = await cur.fetchone()
         if not (row and row[0]):
             await conn.close()
-            if self.is_leader:
-                log.info("outbox relay: lock lost")
             self.is_leader = False
             return None
-        log.info("outbox relay: this process is now the publishing relay")
+        log.info("outbox relay: this process (pid %d) is now the publishing relay", os.getpid())
         self.is_leader = True
         self._conn = conn
         return conn
@@ -117,43 +145,98 @@ class OutboxRelay:
         self._conn = None
         self.is_leader = False
 
-    async def _round(self, js: JetStreamContext) -> int:
-        """Publish one batch of unpublished rows; return how many were published and marked."""
+    async def _round(self, js: JetStreamContext) -> RoundOutcome:
+        """Publish one batch of unpublished rows and mark the acknowledged ones."""
         conn = await self._leader_connection()
         if conn is None:
-            return 0
+            return RoundOutcome.DRAINED  # another process publishes; poll for its lock
         cur = await conn.execute(
             "SELECT id, subject, headers, payload FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT %s",
             (self._settings.relay_batch,),
         )
         rows = await cur.fetchall()
         if not rows:
-            return 0
+            return RoundOutcome.DRAINED
         started = time.monotonic()
-        results = await asyncio.gather(
-            *(js.publish(subject, bytes(payload), headers=dict(headers)) for _, subject, headers, payload in rows),
-            return_exceptions=True,
-        )
-        acked = [row[0] for row, result in zip(rows, results, strict=True) if not isinstance(result, BaseException)]
-        failures = [r for r in results if isinstance(r, BaseException)]
+        chains: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
+        for row in rows:
+            chains[row[1]].append(row)
+        acked: list[int] = []
+        failures: list[BaseException] = []
+        duplicates = 0
+
+        async def publish_chain(chain: list[tuple[Any, ...]]) -> None:
+            for row_id, subject, headers, payload in chain:
+                try:
+                    ack = await js.publish(subject, bytes(payload), headers=dict(headers))
+                except Exception as exc:  # timeout, disconnect, API error: retried next round
+                    failures.append(exc)
+                    return
+                acked.append(row_id)
+                if ack.duplicate:
+                    nonlocal duplicates
+                    duplicates += 1
+
+        await asyncio.gather(*(publish_chain(chain) for chain in chains.values()))
         if acked:
             await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY(%s)", (acked,))
             self.published_total += len(acked)
+        if duplicates:
+            self.duplicates_total += duplicates
+            log.info("outbox relay: %d events were already in the stream; JetStream dropped the copies", duplicates)
         if failures:
             log.warning(
-                "outbox relay: %d of %d publishes failed (%s); they stay in the outbox and are retried",
-                len(failures),
+                "outbox relay: %d of %d publishes failed (%s: %s); they stay in the outbox and are retried",
+                len(rows) - len(acked),
                 len(rows),
-                failures[0].__class__.__name__,
+                type(failures[0]).__name__,
+                failures[0],
             )
-            await asyncio.sleep(min(self._settings.relay_poll_interval, 1.0))
-        else:
-            log.debug("outbox relay: published %d events in %.1f ms", len(acked), (time.monotonic() - started) * 1000)
-        return len(acked) if not failures else 0
+            return RoundOutcome.FAILED
+        log.debug("outbox relay: published %d events in %.1f ms", len(acked), (time.monotonic() - started) * 1000)
+        return RoundOutcome.MORE if len(rows) == self._settings.relay_batch else RoundOutcome.DRAINED
 
-    async def backlog(self) -> int:
-        """Rows not yet published (for logs and metrics)."""
-        async with await psycopg.AsyncConnection.connect(libpq_url(self._settings.write_database_url)) as conn:
-            cur = await conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-            row = await cur.fetchone()
-            return int(row[0]) if row else 0
+    async def _housekeeping(self) -> None:
+        """Every so often, as leader: delete old published rows and log a non-empty backlog."""
+        if self._conn is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_cleanup:
+            self._next_cleanup = now + self._settings.outbox_cleanup_interval
+            deleted = await delete_published(self._conn, self._settings.outbox_retention)
+            if deleted:
+                log.info(
+                    "outbox relay: deleted %d published rows older than %.0fs", deleted, self._settings.outbox_retention
+                )
+        if now >= self._next_backlog_log:
+            self._next_backlog_log = now + BACKLOG_LOG_INTERVAL
+            waiting = await backlog(self._conn)
+            if waiting:
+                log.info("outbox relay: backlog of %d unpublished events", waiting)
+
+
+async def delete_published(conn: psycopg.AsyncConnection[Any], retention: float) -> int:
+    """Delete rows published more than retention seconds ago, CLEANUP_BATCH at a time; return how many."""
+    total = 0
+    while True:
+        cur = await conn.execute(
+            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at < now() - make_interval("
+            "secs => %s) ORDER BY id LIMIT %s)",
+            (retention, CLEANUP_BATCH),
+        )
+        total += cur.rowcount
+        if cur.rowcount < CLEANUP_BATCH:
+            return total
+
+
+async def backlog(conn: psycopg.AsyncConnection[Any]) -> int:
+    """Number of outbox rows not yet published (for logs and metrics)."""
+    cur = await conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def backlog_of(settings: Settings) -> int:
+    """The backlog, on a connection of its own (for callers outside the relay)."""
+    async with await psycopg.AsyncConnection.connect(libpq_url(settings.write_database_url)) as conn:
+        return await backlog(conn)

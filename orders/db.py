@@ -26,7 +26,9 @@ def create_engine(url: str, pool_size: int, application_name: str) -> AsyncEngin
         sqlalchemy_url(url),
         pool_size=pool_size,
         max_overflow=0,
-        pool_pre_ping=True,
+        # No pre-ping round trip per checkout: a connection broken by a database restart fails one
+        # statement (UNAVAILABLE, retryable), and SQLAlchemy then recycles every older pooled connection.
+        pool_pre_ping=False,
         pool_timeout=10,
         connect_args={"application_name": application_name, "connect_timeout": 5},
     )

@@ -10,11 +10,13 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orders.db import is_unavailable
-from orders.errors import DomainError, Unavailable
+from orders.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,44 @@ def correlation_id(context: grpc.aio.ServicerContext) -> str:
         if key == CORRELATION_HEADER and isinstance(value, str) and value:
             return value[:128]
     return str(uuid.uuid4())
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the handler can answer INVALID_ARGUMENT.
+
+    (gRPC's own handling of a deserialization failure answers INTERNAL, which would blame the server.)
+    """
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.type_name = type_name
+        self.error = error
+
+    def to_error(self) -> InvalidArgument:
+        return InvalidArgument([FieldViolation("request", f"not a valid {self.type_name}: {self.error}")])
+
+
+def _tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except Exception as exc:  # DecodeError, but also RuntimeWarning-style errors on odd input
+            return MalformedRequest(message_class.DESCRIPTOR.full_name, str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> None:
+    """Register servicer's methods for service, with deserializers that never fail the call."""
+    handlers = {}
+    for method in service.methods:
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant_deserializer(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=lambda message: message.SerializeToString(),
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _status_for(exc: Exception) -> grpc.Status | None:
@@ -64,6 +104,8 @@ def rpc(method: F) -> F:
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
+                if isinstance(request, MalformedRequest):
+                    raise request.to_error()
                 async for item in method(self, request, context):
                     yield item
             except grpc.aio.AbortError:
@@ -76,6 +118,8 @@ def rpc(method: F) -> F:
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.to_error()
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -86,11 +130,9 @@ def rpc(method: F) -> F:
 
 
 def create_server(
-    address: str,
-    register: Callable[[grpc.aio.Server], None],
-    service_names: Iterable[str],
+    address: str, service: ServiceDescriptor, servicer: Any
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A grpc.aio server on address with the given services, health and reflection; returns the port.
+    """A grpc.aio server on address serving servicer, plus health and reflection; returns the bound port.
 
     Bind to port 0 to get a free port (tests do).
     """
@@ -101,11 +143,10 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    register(server)
+    add_servicer(server, service, servicer)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = list(service_names)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

@@ -10,13 +10,13 @@ from orders import db
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.runtime import configure_logging, stop_event
-from orders.v1 import queries_pb2, queries_pb2_grpc
+from orders.v1 import queries_pb2
 from query_service.changes import ChangeFeed
 from query_service.service import QueryService
 from query_service.views import ReadModel
 
 log = logging.getLogger("query_service")
-SERVICE_NAME = queries_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
+SERVICE = queries_pb2.DESCRIPTOR.services_by_name["QueryService"]
 
 
 async def serve(settings: Settings) -> None:
@@ -27,19 +27,19 @@ async def serve(settings: Settings) -> None:
     servicer = QueryService(read_model, feed, settings.read_wait_max, settings.watch_queue_size)
     server, port, health = create_server(
         settings.query_addr,
-        lambda s: queries_pb2_grpc.add_QueryServiceServicer_to_server(servicer, s),
-        [SERVICE_NAME],
+        SERVICE,
+        servicer,
     )
     feed_task = asyncio.create_task(feed.run(), name="change-feed")
     await server.start()
-    await set_serving(health, [SERVICE_NAME], True)
+    await set_serving(health, [SERVICE.full_name], True)
     host = settings.query_addr.rpartition(":")[0]
     log.info("QueryService listening on %s:%d", host, port)
     try:
         await stop.wait()
     finally:
         log.info("stopping: no new calls, finishing in-flight ones")
-        await set_serving(health, [SERVICE_NAME], False)
+        await set_serving(health, [SERVICE.full_name], False)
         await server.stop(grace=2)
         feed_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

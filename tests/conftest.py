@@ -106,3 +106,13 @@ def stack(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
         query_channel.close()
         for proc in processes.values():
             proc.stop()
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[local_stack.LocalNats]:
+    """A nats-server of the test's own, which it may stop and restart (always local, whatever the backend)."""
+    nats = local_stack.start_nats(tmp_path / "nats")
+    try:
+        yield nats
+    finally:
+        nats.stop()

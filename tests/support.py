@@ -44,7 +44,7 @@ class Stack:
 def isolated_settings(infra: Infra, **overrides: Any) -> Settings:
     """Settings for one isolated system: its own databases, stream, consumer and ports."""
     suffix = uuid.uuid4().hex[:10]
-    return Settings(
+    values: dict[str, Any] = dict(
         write_database_url=infra.postgres_url(f"orders_write_{suffix}"),
         read_database_url=infra.postgres_url(f"orders_read_{suffix}"),
         nats_url=infra.nats_url,
@@ -53,8 +53,8 @@ def isolated_settings(infra: Infra, **overrides: Any) -> Settings:
         stream=f"ORDERS_EVENTS_{suffix}",
         consumer=f"projector_{suffix}",
         log_level="DEBUG",
-        **overrides,
     )
+    return Settings(**(values | overrides))
 
 
 async def migrate(settings: Settings) -> None:

@@ -74,3 +74,10 @@ def test_code_is_lint_and_type_clean(tool: list[str]) -> None:
     executable = Path(sysconfig.get_path("scripts")) / tool[0]
     result = subprocess.run([str(executable), *tool[1:]], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_readme_documents_every_setting() -> None:
+    from orders.config import describe
+
+    readme = (ROOT / "README.md").read_text()
+    assert [name for name, _, _ in describe() if f"`{name}`" not in readme] == []

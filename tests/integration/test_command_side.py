@@ -1,0 +1,371 @@
+"""The command side under bad input, retries, version races and concurrency, against real servers."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import psycopg
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from orders import local_stack
+from orders.db import libpq_url
+from orders.v1 import commands_pb2, common_pb2
+from tests.support import Infra, Stack, isolated_settings, serving_or_raise
+
+pytestmark = pytest.mark.e2e
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def new_sku() -> str:
+    return f"C-{uuid.uuid4().hex[:10]}"
+
+
+def add_product(stack: Stack, sku: str, stock: int, price: int = 100, currency: str = "EUR") -> None:
+    stack.commands.UpsertProduct(
+        commands_pb2.UpsertProductRequest(
+            request_id=new_id(),
+            sku=sku,
+            name=f"Product {sku}",
+            unit_price=common_pb2.Money(currency_code=currency, minor_units=price),
+        ),
+        timeout=5,
+    )
+    if stock:
+        stack.commands.UpdateInventory(
+            commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, set_level=stock), timeout=5
+        )
+
+
+def order_request(customer: str, *lines: tuple[str, int]) -> commands_pb2.PlaceOrderRequest:
+    return commands_pb2.PlaceOrderRequest(
+        request_id=new_id(),
+        customer_id=customer,
+        lines=[commands_pb2.PlaceOrderLine(sku=s, quantity=q) for s, q in lines],
+    )
+
+
+def error_of(call, request) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as err:
+        call(request, timeout=10)
+    return err.value  # type: ignore[return-value]
+
+
+def bad_fields(err: grpc.RpcError) -> set[str]:
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    status = rpc_status.from_call(err)
+    assert status is not None
+    details = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(details)
+    return {v.field for v in details.field_violations}
+
+
+def table_counts(stack: Stack) -> dict[str, int]:
+    with psycopg.connect(libpq_url(stack.settings.write_database_url)) as conn:
+        return {
+            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
+            for table in ("products", "orders", "order_items", "outbox", "idempotency_keys")
+        }
+
+
+def stock_of(stack: Stack, sku: str) -> tuple[int, int]:
+    with psycopg.connect(libpq_url(stack.settings.write_database_url)) as conn:
+        row = conn.execute("SELECT stock, version FROM products WHERE sku = %s", (sku,)).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+# --- 1. validation ------------------------------------------------------------------------------
+
+
+def test_every_command_rejects_bad_fields_all_at_once_and_writes_nothing(stack: Stack) -> None:
+    before = table_counts(stack)
+    c = stack.commands
+    assert bad_fields(
+        error_of(
+            c.PlaceOrder,
+            commands_pb2.PlaceOrderRequest(
+                request_id="",
+                customer_id="x" * 129,
+                lines=[
+                    commands_pb2.PlaceOrderLine(sku="ok", quantity=1),
+                    commands_pb2.PlaceOrderLine(sku="ok", quantity=0),
+                    commands_pb2.PlaceOrderLine(sku="bad sku", quantity=10_001),
+                ],
+            ),
+        )
+    ) == {"request_id", "customer_id", "lines[1].sku", "lines[1].quantity", "lines[2].sku", "lines[2].quantity"}
+    assert bad_fields(
+        error_of(
+            c.PlaceOrder,
+            commands_pb2.PlaceOrderRequest(
+                request_id=new_id(),
+                customer_id="c",
+                lines=[commands_pb2.PlaceOrderLine(sku=f"S{i}", quantity=1) for i in range(101)],
+            ),
+        )
+    ) == {"lines"}
+    assert bad_fields(
+        error_of(
+            c.CancelOrder,
+            commands_pb2.CancelOrderRequest(
+                request_id=new_id(), order_id="not-a-uuid", reason="r" * 501, expected_version=-1
+            ),
+        )
+    ) == {"order_id", "reason", "expected_version"}
+    assert bad_fields(
+        error_of(c.UpdateInventory, commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku="", delta=0))
+    ) == {"sku", "delta"}
+    assert bad_fields(
+        error_of(c.UpdateInventory, commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku="S"))
+    ) == {"change"}
+    assert bad_fields(
+        error_of(c.UpdateInventory, commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku="S", set_level=-5))
+    ) == {"set_level"}
+    assert bad_fields(
+        error_of(
+            c.UpsertProduct,
+            commands_pb2.UpsertProductRequest(
+                request_id=new_id(),
+                sku="S!",
+                name="n" * 201,
+                unit_price=common_pb2.Money(currency_code="EURO", minor_units=-1),
+            ),
+        )
+    ) == {"sku", "name", "unit_price.currency_code", "unit_price.minor_units"}
+    assert table_counts(stack) == before
+
+
+def test_undecodable_request_bytes_are_invalid_argument_not_internal(stack: Stack) -> None:
+    with grpc.insecure_channel(stack.settings.command_addr) as channel:
+        raw = channel.unary_unary("/orders.v1.CommandService/PlaceOrder")
+        with pytest.raises(grpc.RpcError) as err:
+            raw(b"\x0a\xff\xff\xff\xff\xff", timeout=5)  # field 1, length beyond the message
+    assert bad_fields(err.value) == {"request"}
+
+
+# --- 2. error mapping ---------------------------------------------------------------------------
+
+
+def test_not_found_precondition_and_reuse_errors(stack: Stack) -> None:
+    c = stack.commands
+    assert (
+        error_of(c.CancelOrder, commands_pb2.CancelOrderRequest(request_id=new_id(), order_id=new_id())).code()
+        == grpc.StatusCode.NOT_FOUND
+    )
+    assert (
+        error_of(
+            c.UpdateInventory, commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=new_sku(), delta=1)
+        ).code()
+        == grpc.StatusCode.NOT_FOUND
+    )
+
+    sku = new_sku()
+    add_product(stack, sku, stock=2)
+    short = error_of(c.UpdateInventory, commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, delta=-3))
+    assert short.code() == grpc.StatusCode.FAILED_PRECONDITION
+    status = rpc_status.from_call(short)
+    failure = error_details_pb2.PreconditionFailure()
+    assert status is not None and status.details[0].Unpack(failure)
+    assert (failure.violations[0].type, failure.violations[0].subject) == ("INSUFFICIENT_STOCK", sku)
+
+    dollars = new_sku()
+    add_product(stack, dollars, stock=5, currency="USD")
+    mixed = error_of(c.PlaceOrder, order_request("c", (sku, 1), (dollars, 1)))
+    assert mixed.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert stock_of(stack, sku)[0] == 2 and stock_of(stack, dollars)[0] == 5  # nothing reserved
+
+    reused = new_id()
+    c.UpdateInventory(commands_pb2.UpdateInventoryRequest(request_id=reused, sku=sku, delta=1), timeout=5)
+    assert (
+        error_of(c.UpdateInventory, commands_pb2.UpdateInventoryRequest(request_id=reused, sku=sku, delta=2)).code()
+        == grpc.StatusCode.ALREADY_EXISTS
+    )
+    assert (
+        error_of(
+            c.PlaceOrder,
+            commands_pb2.PlaceOrderRequest(
+                request_id=reused,
+                customer_id="c",
+                lines=[commands_pb2.PlaceOrderLine(sku=sku, quantity=1)],
+            ),
+        ).code()
+        == grpc.StatusCode.ALREADY_EXISTS
+    )  # same key, different command
+    assert stock_of(stack, sku)[0] == 3
+
+
+def test_database_down_is_unavailable(infra: Infra, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A command service whose database does not answer fails calls with UNAVAILABLE, never INTERNAL."""
+    settings = isolated_settings(
+        infra, write_database_url=f"postgresql://postgres@127.0.0.1:{local_stack.free_port()}/x"
+    )
+    proc = local_stack.start_service("command_service", settings.to_env(), tmp_path)
+    try:
+        local_stack.wait_until(lambda: serving_or_raise(settings.command_addr, {"c": proc}), 30, "command service up")
+        with grpc.insecure_channel(settings.command_addr) as channel:
+            place = channel.unary_unary(
+                "/orders.v1.CommandService/PlaceOrder",
+                request_serializer=commands_pb2.PlaceOrderRequest.SerializeToString,
+                response_deserializer=commands_pb2.PlaceOrderResponse.FromString,
+            )
+            err = error_of(place, order_request("c", ("SKU-1", 1)))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "Traceback" not in (err.details() or "")
+    finally:
+        proc.stop()
+
+
+# --- 3. idempotency -----------------------------------------------------------------------------
+
+
+def test_racing_duplicates_produce_one_effect_and_identical_responses(stack: Stack) -> None:
+    sku = new_sku()
+    add_product(stack, sku, stock=1000)
+    customer = f"race-{new_id()}"
+    requests = [order_request(customer, (sku, 1)) for _ in range(40)]
+
+    def send(request: commands_pb2.PlaceOrderRequest) -> commands_pb2.PlaceOrderResponse:
+        return stack.commands.PlaceOrder(request, timeout=20)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        first = list(pool.map(send, requests))
+        second = list(pool.map(send, requests))  # every request again, racing the others
+        third = list(pool.map(send, [r for pair in zip(requests, requests, strict=True) for r in pair]))
+    assert first == second == third[::2] == third[1::2]
+    assert len({r.order_id for r in first}) == 40
+    with psycopg.connect(libpq_url(stack.settings.write_database_url)) as conn:
+        orders = conn.execute("SELECT count(*) FROM orders WHERE customer_id = %s", (customer,)).fetchone()
+    assert orders is not None and orders[0] == 40
+    assert stock_of(stack, sku)[0] == 960
+
+
+def test_simultaneous_first_attempts_of_one_request_apply_once(stack: Stack) -> None:
+    sku = new_sku()
+    add_product(stack, sku, stock=100)
+    customer = f"twin-{new_id()}"
+    request = order_request(customer, (sku, 2))
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        replies = list(pool.map(lambda _: stack.commands.PlaceOrder(request, timeout=20), range(8)))
+    assert all(reply == replies[0] for reply in replies)
+    assert stock_of(stack, sku)[0] == 98
+
+
+# --- 4. optimistic concurrency ------------------------------------------------------------------
+
+
+def test_expected_version_guards_every_update(stack: Stack) -> None:
+    c = stack.commands
+    sku = new_sku()
+    created = c.UpsertProduct(
+        commands_pb2.UpsertProductRequest(
+            request_id=new_id(),
+            sku=sku,
+            name="v1",
+            unit_price=common_pb2.Money(currency_code="EUR", minor_units=1),
+            expected_version=0,
+        ),
+        timeout=5,
+    )
+    assert created.version == 1
+    again = error_of(
+        c.UpsertProduct,
+        commands_pb2.UpsertProductRequest(
+            request_id=new_id(),
+            sku=sku,
+            name="v2",
+            unit_price=common_pb2.Money(currency_code="EUR", minor_units=1),
+            expected_version=0,
+        ),
+    )
+    assert again.code() == grpc.StatusCode.ABORTED and "version 1" in (again.details() or "")
+    c.UpsertProduct(
+        commands_pb2.UpsertProductRequest(
+            request_id=new_id(),
+            sku=sku,
+            name="v2",
+            unit_price=common_pb2.Money(currency_code="EUR", minor_units=2),
+            expected_version=1,
+        ),
+        timeout=5,
+    )
+
+    stale = error_of(
+        c.UpdateInventory,
+        commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, set_level=9, expected_version=1),
+    )
+    assert stale.code() == grpc.StatusCode.ABORTED and "version 2" in (stale.details() or "")
+    updated = c.UpdateInventory(
+        commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, set_level=9, expected_version=2), timeout=5
+    )
+    assert (updated.version, updated.stock) == (3, 9)
+
+    placed = c.PlaceOrder(order_request("c", (sku, 1)), timeout=5)
+    wrong = error_of(
+        c.CancelOrder,
+        commands_pb2.CancelOrderRequest(request_id=new_id(), order_id=placed.order_id, expected_version=2),
+    )
+    assert wrong.code() == grpc.StatusCode.ABORTED and "version 1" in (wrong.details() or "")
+    assert stock_of(stack, sku) == (8, 4)
+    cancelled = c.CancelOrder(
+        commands_pb2.CancelOrderRequest(request_id=new_id(), order_id=placed.order_id, expected_version=1), timeout=5
+    )
+    assert cancelled.version == 2
+    assert stock_of(stack, sku) == (9, 5)
+
+
+# --- 5. no oversell, no deadlock ----------------------------------------------------------------
+
+
+def test_fifty_buyers_for_ten_units(stack: Stack) -> None:
+    sku = new_sku()
+    add_product(stack, sku, stock=10)
+    customer = f"rush-{new_id()}"
+
+    def buy(_: int) -> grpc.StatusCode:
+        try:
+            stack.commands.PlaceOrder(order_request(customer, (sku, 1)), timeout=30)
+            return grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            return err.code()
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        outcomes = Counter(pool.map(buy, range(50)))
+    assert outcomes == {grpc.StatusCode.OK: 10, grpc.StatusCode.FAILED_PRECONDITION: 40}
+    assert stock_of(stack, sku)[0] == 0
+    with psycopg.connect(libpq_url(stack.settings.write_database_url)) as conn:
+        sold = conn.execute("SELECT coalesce(sum(quantity), 0) FROM order_items WHERE sku = %s", (sku,)).fetchone()
+    assert sold is not None and sold[0] == 10
+
+
+def test_multi_sku_orders_in_random_order_never_deadlock(stack: Stack) -> None:
+    skus = [new_sku() for _ in range(5)]
+    for sku in skus:
+        add_product(stack, sku, stock=60)
+    rng = random.Random(20261126)
+    orders = [rng.sample(skus, rng.randint(2, 5)) for _ in range(120)]
+    customer = f"mix-{new_id()}"
+
+    def buy(picked: list[str]) -> tuple[grpc.StatusCode, list[str]]:
+        try:
+            stack.commands.PlaceOrder(order_request(customer, *[(sku, 1) for sku in picked]), timeout=30)
+            return grpc.StatusCode.OK, picked
+        except grpc.RpcError as err:
+            return err.code(), picked
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        results = list(pool.map(buy, orders))
+    codes = Counter(code for code, _ in results)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION}, codes
+    assert codes[grpc.StatusCode.OK] > 0
+    sold = Counter(sku for code, picked in results if code == grpc.StatusCode.OK for sku in picked)
+    for sku in skus:
+        assert stock_of(stack, sku)[0] + sold[sku] == 60

@@ -1,0 +1,259 @@
+"""The outbox relay against real PostgreSQL and a NATS server these tests stop and start themselves."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from command_service.outbox import RELAY_LOCK_KEY, backlog_of
+from orders import jetstream, local_stack
+from orders.config import Settings
+from orders.db import libpq_url
+from orders.events import parse_event
+from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2
+from tests.support import Infra, eventually, isolated_settings, migrate, serving_or_raise
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    seq: int
+    msg_id: str
+    aggregate: tuple[str, str]
+    version: int
+
+
+async def _read_stream(settings: Settings) -> list[StreamEvent]:
+    nc = await jetstream.connect(settings.nats_url, "test-reader", retry_forever=False)
+    try:
+        jsm = nc.jsm()
+        state = (await jsm.stream_info(settings.stream)).state
+        events = []
+        for seq in range(state.first_seq, state.last_seq + 1):
+            msg = await jsm.get_msg(settings.stream, seq)
+            envelope = parse_event(msg.data or b"")
+            events.append(
+                StreamEvent(
+                    seq,
+                    (msg.headers or {})["Nats-Msg-Id"],
+                    (envelope.aggregate_type, envelope.aggregate_id),
+                    envelope.aggregate_version,
+                )
+            )
+        return events
+    finally:
+        await jetstream.close(nc)
+
+
+def stream_events(settings: Settings) -> list[StreamEvent]:
+    return asyncio.run(_read_stream(settings))
+
+
+def outbox_rows(settings: Settings) -> list[tuple[int, str, bool]]:
+    """(id, event_id, published) of every outbox row."""
+    with psycopg.connect(libpq_url(settings.write_database_url)) as conn:
+        rows = conn.execute("SELECT id, event_id::text, published_at IS NOT NULL FROM outbox ORDER BY id").fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def unpublished(settings: Settings) -> int:
+    return sum(1 for *_, published in outbox_rows(settings) if not published)
+
+
+def assert_stream_matches_outbox(settings: Settings) -> list[StreamEvent]:
+    """Every outbox event is in the stream exactly once, each aggregate's versions in stream order."""
+    events = stream_events(settings)
+    counts = Counter(e.msg_id for e in events)
+    assert [msg_id for msg_id, n in counts.items() if n > 1] == []
+    assert set(counts) == {event_id for _, event_id, _ in outbox_rows(settings)}
+    versions: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for event in events:
+        versions[event.aggregate].append(event.version)
+    for aggregate, seen in versions.items():
+        assert seen == list(range(1, len(seen) + 1)), (aggregate, seen)
+    return events
+
+
+class CommandProcess:
+    """One command service process and a client for it."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.proc = local_stack.start_service("command_service", settings.to_env(), log_dir)
+        local_stack.wait_until(lambda: serving_or_raise(settings.command_addr, {"c": self.proc}), 30, "SERVING")
+        self.channel = grpc.insecure_channel(settings.command_addr)
+        self.stub = commands_pb2_grpc.CommandServiceStub(self.channel)
+
+    def product(self, sku: str, stock: int) -> None:
+        self.stub.UpsertProduct(
+            commands_pb2.UpsertProductRequest(
+                request_id=str(uuid.uuid4()),
+                sku=sku,
+                name=sku,
+                unit_price=common_pb2.Money(currency_code="EUR", minor_units=10),
+            ),
+            timeout=10,
+        )
+        self.stub.UpdateInventory(
+            commands_pb2.UpdateInventoryRequest(request_id=str(uuid.uuid4()), sku=sku, set_level=stock), timeout=10
+        )
+
+    def order(self, *skus: str) -> commands_pb2.PlaceOrderResponse:
+        return self.stub.PlaceOrder(
+            commands_pb2.PlaceOrderRequest(
+                request_id=str(uuid.uuid4()),
+                customer_id="relay-test",
+                lines=[commands_pb2.PlaceOrderLine(sku=s, quantity=1) for s in skus],
+            ),
+            timeout=10,
+        )
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.proc.stop()
+
+
+def restart(nats: local_stack.LocalNats) -> local_stack.LocalNats:
+    """Start nats-server again on the same port with the same store (after nats.stop())."""
+    return local_stack.start_nats(nats.config_path.parent, port=nats.port)
+
+
+def test_relay_wakes_on_commit_survives_a_nats_outage_and_keeps_order(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    # A 60 s poll: anything published sooner was woken by the commit itself.
+    settings = isolated_settings(infra, nats_url=own_nats.url, relay_poll_interval=60.0, relay_batch=50)
+    asyncio.run(migrate(settings))
+    service = CommandProcess(settings, tmp_path)
+    nats = own_nats
+    try:
+        service.product("WAKE-1", 1000)
+        eventually(lambda: unpublished(settings) == 0 and len(stream_events(settings)) == 2, 10, "commit woke relay")
+
+        nats.stop()
+        skus = [f"OUT-{i}" for i in range(6)]
+        for sku in skus:
+            service.product(sku, 1000)
+        for i in range(40):  # commands keep succeeding while NATS is down
+            service.order(skus[i % 6], skus[(i + 1) % 6], skus[(i + 3) % 6])
+        waiting = asyncio.run(backlog_of(settings))
+        assert waiting == unpublished(settings) and waiting > 150
+
+        nats = restart(nats)
+        eventually(lambda: unpublished(settings) == 0, 60, "backlog drained after NATS came back")
+        events = assert_stream_matches_outbox(settings)
+        assert len(events) == 2 + 6 * 2 + 40 * 4
+        with psycopg.connect(libpq_url(settings.write_database_url)) as conn:
+            rounds = conn.execute("SELECT count(DISTINCT published_at) FROM outbox").fetchone()
+        assert rounds is not None and rounds[0] < len(events) / 10  # the backlog went out in batches
+    finally:
+        service.stop()
+        nats.stop()
+
+
+def test_events_published_before_a_crash_are_not_duplicated(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    """The state a relay leaves when it dies after PubAck but before marking: published, not marked."""
+    settings = isolated_settings(infra, nats_url=own_nats.url)
+    asyncio.run(migrate(settings))
+    service = CommandProcess(settings, tmp_path)
+    service.product("CRASH-1", 100)
+    eventually(lambda: unpublished(settings) == 0, 10, "first events published")
+    own_nats.stop()
+    for _ in range(10):
+        service.order("CRASH-1")
+    service.proc.kill()  # SIGKILL, with 10 orders' events unpublished
+    service.channel.close()
+    nats = restart(own_nats)
+    try:
+        with psycopg.connect(libpq_url(settings.write_database_url)) as conn:
+            pending = conn.execute(
+                "SELECT subject, headers, payload FROM outbox WHERE published_at IS NULL ORDER BY id"
+            ).fetchall()
+        assert len(pending) == 20
+
+        async def publish_first_half() -> None:  # what the dead relay had got acknowledged
+            nc = await jetstream.connect(settings.nats_url, "test-publisher", retry_forever=False)
+            try:
+                js = nc.jetstream()
+                for subject, headers, payload in pending[:10]:
+                    await js.publish(subject, bytes(payload), headers=dict(headers))
+            finally:
+                await jetstream.close(nc)
+
+        asyncio.run(publish_first_half())
+        service = CommandProcess(settings, tmp_path)
+        eventually(lambda: unpublished(settings) == 0, 30, "restarted relay drained the outbox")
+        events = assert_stream_matches_outbox(settings)
+        assert len(events) == 2 + 20
+        assert "10 events were already in the stream" in service.proc.log_path.read_text()
+    finally:
+        service.stop()
+        nats.stop()
+
+
+def relay_holder(settings: Settings) -> str | None:
+    """application_name of the session holding the relay's advisory lock in this database."""
+    with psycopg.connect(libpq_url(settings.write_database_url)) as conn:
+        rows = conn.execute(
+            "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s",
+            (RELAY_LOCK_KEY,),
+        ).fetchall()
+    assert len(rows) <= 1
+    return rows[0][0] if rows else None
+
+
+def test_only_one_relay_publishes_and_another_takes_over(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    settings = isolated_settings(infra, nats_url=own_nats.url)
+    asyncio.run(migrate(settings))
+    first = CommandProcess(settings, tmp_path / "a")
+    second_settings = Settings(**{**settings.__dict__, "command_addr": f"127.0.0.1:{local_stack.free_port()}"})
+    second = CommandProcess(second_settings, tmp_path / "b")
+    try:
+        eventually(lambda: relay_holder(settings) == f"orders-relay-{first.proc.pid}", 10, "first relay leads")
+        second.product("HA-1", 100)
+        for _ in range(5):
+            second.order("HA-1")  # committed by the follower, published by the leader
+        eventually(lambda: unpublished(settings) == 0, 10, "leader published the follower's events")
+        assert relay_holder(settings) == f"orders-relay-{first.proc.pid}"
+
+        first.proc.kill()
+        eventually(lambda: relay_holder(settings) == f"orders-relay-{second.proc.pid}", 10, "second took over")
+        for _ in range(5):
+            second.order("HA-1")
+        eventually(lambda: unpublished(settings) == 0, 10, "new leader published")
+        assert len(assert_stream_matches_outbox(settings)) == 2 + 10 * 2
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_published_rows_are_deleted_after_the_retention(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    settings = isolated_settings(
+        infra, nats_url=own_nats.url, outbox_retention=1.0, outbox_cleanup_interval=0.2, relay_poll_interval=0.2
+    )
+    asyncio.run(migrate(settings))
+    service = CommandProcess(settings, tmp_path)
+    try:
+        service.product("RET-1", 10)
+        service.order("RET-1")
+        eventually(lambda: outbox_rows(settings) == [], 15, "published rows deleted")
+        assert len(stream_events(settings)) == 4  # deleted from the outbox, kept in the stream
+    finally:
+        service.stop()
