@@ -82,11 +82,12 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         env = settings.to_env()
         for module in local_stack.SERVICES:
             started.append(local_stack.start_service(module, env, data_dir / "logs"))
-        for address in (settings.command_addr, settings.query_addr):
+        for address in (settings.command_addr, settings.query_addr, settings.admin_addr):
             serving = functools.partial(_serving_or_dead, address, started)
             local_stack.wait_until(serving, 60, f"gRPC health SERVING on {address}")
         print(f"CommandService  {settings.command_addr}")
         print(f"QueryService    {settings.query_addr}")
+        print(f"AdminService    {settings.admin_addr}")
         print(f"logs in {(data_dir / 'logs').resolve()}; Ctrl-C stops everything", flush=True)
         while not stopping:
             dead = [p for p in started if not p.alive()]
@@ -170,15 +171,15 @@ def _print_human(data: dict[str, Any], indent: str = "") -> None:
 def _call(args: argparse.Namespace, settings: Settings, service: str, method: str, request: Any) -> int:
     import grpc
 
-    from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
+    from orders.v1 import admin_pb2_grpc, commands_pb2_grpc, queries_pb2_grpc
 
-    address = (
-        args.command_addr or settings.command_addr if service == "command" else args.query_addr or settings.query_addr
-    )
+    address, stub_class = {
+        "command": (args.command_addr or settings.command_addr, commands_pb2_grpc.CommandServiceStub),
+        "query": (args.query_addr or settings.query_addr, queries_pb2_grpc.QueryServiceStub),
+        "admin": (args.admin_addr or settings.admin_addr, admin_pb2_grpc.AdminServiceStub),
+    }[service]
     with grpc.insecure_channel(address) as channel:
-        stub = (commands_pb2_grpc.CommandServiceStub if service == "command" else queries_pb2_grpc.QueryServiceStub)(
-            channel
-        )
+        stub = stub_class(channel)
         try:
             reply = getattr(stub, method)(request, timeout=None if args.follow else args.timeout)
             if hasattr(reply, "__iter__") and not hasattr(reply, "DESCRIPTOR"):
@@ -327,6 +328,61 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     return _call(args, settings, "query", "WatchOrderSummaries", request)
 
 
+def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import admin_pb2
+
+    return _call(args, settings, "admin", "GetProjectionLag", admin_pb2.GetProjectionLagRequest())
+
+
+def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import admin_pb2
+
+    if args.action == "list":
+        return _call(args, settings, "admin", "ListDeadLetters", admin_pb2.ListDeadLettersRequest(page_size=args.limit))
+    if not args.ids:
+        print("error: give at least one dead letter id", file=sys.stderr)
+        return 2
+    if args.action == "show":
+        return max(
+            _call(args, settings, "admin", "GetDeadLetter", admin_pb2.GetDeadLetterRequest(id=i)) for i in args.ids
+        )
+    if args.action == "replay":
+        return _call(args, settings, "admin", "ReplayDeadLetters", admin_pb2.ReplayDeadLettersRequest(ids=args.ids))
+    return _call(args, settings, "admin", "DiscardDeadLetters", admin_pb2.DiscardDeadLettersRequest(ids=args.ids))
+
+
+def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from orders.v1 import admin_pb2
+
+    args.follow = True  # a long operation: no deadline; progress lines as it goes
+    return _call(args, settings, "admin", "RebuildReadModel", admin_pb2.RebuildReadModelRequest())
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    """Compare the databases directly (works with the projector stopped); exit 1 on any difference."""
+    from projector.verify import verify
+
+    report = asyncio.run(verify(settings.write_database_url, settings.read_database_url))
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "orders_checked": report.orders_checked,
+                    "products_checked": report.products_checked,
+                    "differences": report.differences,
+                }
+            )
+        )
+    else:
+        for line in report.differences[:100]:
+            print(line)
+        print(
+            f"checked {report.orders_checked} orders and {report.products_checked} products: "
+            f"{len(report.differences)} differences"
+        )
+    return 0 if report.ok else 1
+
+
 # ---- parser -------------------------------------------------------------------------------------
 
 
@@ -341,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print JSON (one object per line)")
             p.add_argument("--command-addr", help="CommandService address (default ORDERS_COMMAND_ADDR)")
             p.add_argument("--query-addr", help="QueryService address (default ORDERS_QUERY_ADDR)")
+            p.add_argument("--admin-addr", help="AdminService address (default ORDERS_ADMIN_ADDR)")
             p.add_argument("--timeout", type=float, default=10.0, help="call deadline in seconds")
         return p
 
@@ -409,6 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customer")
     p.add_argument("--snapshot", action="store_true", help="first print the current summaries")
     p.add_argument("--after-sequence", type=int, default=0, help="resume after this stream sequence")
+    add("lag", cmd_lag, "how far the projection is behind the event stream", client=True)
+    p = add("dead-letters", cmd_dead_letters, "list, show, replay or discard dead letters", client=True)
+    p.add_argument("action", choices=["list", "show", "replay", "discard"])
+    p.add_argument("ids", type=int, nargs="*", help="dead letter ids (show, replay, discard)")
+    p.add_argument("--limit", type=int, default=100)
+    add("rebuild", cmd_rebuild, "replay the whole stream into fresh read tables and swap them in", client=True)
+    add("verify", cmd_verify, "compare the read model with the write database; exit 1 on differences", client=True)
     return parser
 
 

@@ -46,6 +46,13 @@ def _parse_positive_int(value: str) -> int:
     return number
 
 
+def _parse_schedule(value: str) -> tuple[float, ...]:
+    delays = tuple(float(part) for part in value.split(","))
+    if not delays or any(d < 0 for d in delays):
+        raise ValueError("expected comma-separated non-negative seconds, e.g. 0.5,1,2,5")
+    return delays
+
+
 def _setting(default: Any, parse: Any, doc: str) -> Any:
     return field(default=default, metadata={"parse": parse, "doc": doc})
 
@@ -67,6 +74,9 @@ class Settings:
     nats_url: str = _setting("nats://127.0.0.1:4222", _parse_url("nats", "tls"), "NATS server URL.")
     command_addr: str = _setting("127.0.0.1:50051", _parse_address, "CommandService listen address.")
     query_addr: str = _setting("127.0.0.1:50052", _parse_address, "QueryService listen address.")
+    admin_addr: str = _setting(
+        "127.0.0.1:50053", _parse_address, "AdminService (projector operations and health) listen address."
+    )
     stream: str = _setting("ORDERS_EVENTS", str, "JetStream stream holding the events.")
     stream_replicas: int = _setting(1, _parse_positive_int, "Replicas of the stream (3 in a cluster).")
     duplicate_window: float = _setting(
@@ -85,9 +95,19 @@ class Settings:
     )
     projector_batch: int = _setting(256, _parse_positive_int, "Events fetched and applied per transaction.")
     ack_wait: float = _setting(30.0, _parse_positive_float, "Seconds before an unacked event is redelivered.")
-    max_deliver: int = _setting(20, _parse_positive_int, "Deliveries of one event before it is given up.")
-    gap_retry_delay: float = _setting(
-        0.5, _parse_positive_float, "Seconds before an event that arrived ahead of its predecessor is retried."
+    max_deliver: int = _setting(
+        20, _parse_positive_int, "Deliveries after which an event still waiting for its predecessor is dead-lettered."
+    )
+    retry_backoff: tuple[float, ...] = _setting(
+        (0.5, 1.0, 2.0, 5.0, 10.0, 30.0),
+        _parse_schedule,
+        "Comma-separated delays (s) before retry N of an event (nak with delay); the last one repeats.",
+    )
+    lag_alert_events: int = _setting(
+        1000, _parse_positive_int, "Projection lag (events) above which the query side reports it as lagging."
+    )
+    lag_alert_seconds: float = _setting(
+        30.0, _parse_positive_float, "Projection lag (s), or age of the last lag report, that counts as lagging."
     )
     read_wait_max: float = _setting(
         5.0, _parse_positive_float, "Longest a query waits for a consistency token to be projected (s)."
@@ -121,9 +141,13 @@ class Settings:
 
     def to_env(self) -> dict[str, str]:
         """The ORDERS_* variables that reproduce these settings in a child process."""
-        return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {PREFIX + f.name.upper(): _render(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _render(value: Any) -> str:
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
 def describe() -> list[tuple[str, str, str]]:
     """(variable, default, meaning) for every setting, for the CLI and the README."""
-    return [(PREFIX + f.name.upper(), str(f.default), f.metadata["doc"]) for f in dataclasses.fields(Settings)]
+    return [(PREFIX + f.name.upper(), _render(f.default), f.metadata["doc"]) for f in dataclasses.fields(Settings)]

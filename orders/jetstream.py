@@ -23,8 +23,11 @@ async def connect(url: str, name: str, *, retry_forever: bool = True) -> NATS:
     With retry_forever the first connection is retried too, so a service can start before NATS.
     """
 
+    client: list[NATS] = []
+
     async def on_disconnect() -> None:
-        log.warning("disconnected from NATS")
+        if client and not client[0].is_closed:  # our own close() is not news
+            log.warning("disconnected from NATS")
 
     async def on_reconnect() -> None:
         log.info("reconnected to NATS")
@@ -45,7 +48,8 @@ async def connect(url: str, name: str, *, retry_forever: bool = True) -> NATS:
     delay = 0.2
     while True:
         try:
-            return await nats.connect(url, **options)
+            client.append(await nats.connect(url, **options))
+            return client[0]
         except Exception as exc:  # nats-py raises several unrelated types for an unreachable server
             if not retry_forever:
                 raise
@@ -69,13 +73,19 @@ def stream_config(settings: Settings) -> api.StreamConfig:
 
 
 def consumer_config(settings: Settings) -> api.ConsumerConfig:
-    """The projector's durable pull consumer: explicit acks, bounded redeliveries."""
+    """The projector's durable pull consumer: explicit acks, redelivery after ack_wait.
+
+    The server never gives up on an event (max_deliver -1): once settings.max_deliver deliveries are
+    reached the projector dead-letters the event itself, which the server could not do. Retry delays
+    come from settings.retry_backoff through nak(delay); the consumer's own BackOff is left unset
+    because it replaces ack_wait, and a short first step would redeliver batches still being applied.
+    """
     return api.ConsumerConfig(
         durable_name=settings.consumer,
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait,
-        max_deliver=settings.max_deliver,
+        max_deliver=-1,
         max_ack_pending=max(1000, settings.projector_batch * 4),
         filter_subject=SUBJECT_WILDCARD,
     )

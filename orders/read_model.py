@@ -50,14 +50,42 @@ product_views = sa.Table(
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
-# Highest stream sequence applied by each projection (for lag reporting; rows carry their own).
+# Progress of each projection: the highest stream sequence applied (rows carry their own), and the
+# lag the projector last measured, which the query service reads for its health status.
 projection_checkpoints = sa.Table(
     "projection_checkpoints",
     metadata,
     sa.Column("projection", sa.Text, primary_key=True),
-    sa.Column("last_stream_seq", sa.BigInteger, nullable=False),
+    sa.Column("last_stream_seq", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("lag_events", sa.BigInteger),
+    sa.Column("lag_seconds", sa.Float),
+    sa.Column("lag_measured_at", sa.DateTime(timezone=True)),
 )
 
-# NOTIFY channel the projector signals after each commit; the payload lists what changed.
+# Events the projector could not apply (status 'dead') and later events of the same aggregate held
+# behind them ('parked'), with everything needed to inspect and replay them.
+dead_letters = sa.Table(
+    "dead_letters",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("stream_seq", sa.BigInteger, nullable=False, unique=True),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("aggregate_type", sa.Text, nullable=False),
+    sa.Column("aggregate_id", sa.Text, nullable=False),
+    sa.Column("aggregate_version", sa.BigInteger),  # NULL when the payload could not be decoded
+    sa.Column("event_id", sa.Text),
+    sa.Column("status", sa.Text, nullable=False),  # dead | parked
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("deliveries", sa.Integer, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("headers", JSONB, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Index("dead_letters_aggregate", "aggregate_type", "aggregate_id", "stream_seq"),
+)
+
+# NOTIFY channel the projector signals after each commit; the payload lists what changed, or is
+# RESYNC_PAYLOAD when every waiter and watcher must re-read (after a rebuild swapped the tables).
 CHANGES_CHANNEL = "orders_read_changes"
+RESYNC_PAYLOAD = "resync"
+PROJECTED_TABLES = ("order_summaries", "product_views")

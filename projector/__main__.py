@@ -1,27 +1,69 @@
-"""Composition root of the projector: read-database engine and the consumer loop."""
+"""Composition root of the projector: read-database engine, the consumer loop, and the admin server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from orders import db
 from orders.config import Settings
+from orders.grpc_server import create_server, set_serving
 from orders.read_model import metadata
 from orders.runtime import configure_logging, stop_event
-from projector.consumer import Projector
+from orders.v1 import admin_pb2
+from projector import lag
+from projector.admin import AdminService
+from projector.consumer import PROJECTION_NAME, Projector, transaction
 
 log = logging.getLogger("projector")
+SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
+MONITOR_INTERVAL = 2.0
+
+
+async def monitor(projector: Projector, settings: Settings, engine: db.AsyncEngine, health: object) -> None:
+    """Every few seconds: health from NATS and database reachability; lag measured and recorded."""
+    serving: bool | None = None
+    while True:
+        ok = projector.nc is not None and projector.nc.is_connected
+        try:
+            async with transaction(engine) as conn:
+                await conn.execute("SELECT 1")
+                if ok and projector.nc is not None:
+                    await lag.record(conn, PROJECTION_NAME, await lag.measure(projector.nc, settings))
+        except Exception as exc:
+            if serving is not False:
+                log.warning("projector unhealthy: %s", exc)
+            ok = False
+        if ok != serving:
+            await set_serving(health, [SERVICE.full_name], ok)  # type: ignore[arg-type]
+            serving = ok
+        await asyncio.sleep(MONITOR_INTERVAL)
 
 
 async def serve(settings: Settings) -> None:
     stop = stop_event()
     engine = db.create_engine(settings.read_database_url, settings.db_pool_size, "orders-projector")
     projector = Projector(settings, engine)
-    log.info("projector consuming %s as %s", settings.stream, settings.consumer)
+    server, port, health = create_server(settings.admin_addr, SERVICE, AdminService(settings, engine, projector))
+    await server.start()
+    consumer = asyncio.create_task(projector.run(stop), name="consumer")
+    await set_serving(health, [SERVICE.full_name], False)
+    watcher = asyncio.create_task(monitor(projector, settings, engine, health), name="monitor")
+    log.info(
+        "projector consuming %s as %s; AdminService on %s:%d",
+        settings.stream,
+        settings.consumer,
+        settings.admin_addr.rpartition(":")[0],
+        port,
+    )
     try:
-        await projector.run(stop)
+        await consumer
     finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await server.stop(grace=2)
         await engine.dispose()
         log.info("projector stopped after applying %d events", projector.applied_total)
 

@@ -3,41 +3,50 @@
 Invariants:
 - Acks are sent only after the batch's transaction committed; a crash before that makes JetStream
   redeliver, and the version check in projections turns the redelivery into a no-op.
-- An event that arrived before its predecessor (GAP) is nak'ed with a delay, never applied early.
-- An event that can never apply (undecodable, contradicting its envelope) is terminated at once
-  instead of burning redeliveries. A database outage naks the whole batch with a delay.
-- After each commit one NOTIFY per chunk of changed rows tells the query side what changed.
+- An event that arrived before its predecessor (GAP) is nak'ed with a delay from the retry schedule
+  (a plain nak would redeliver at once and burn deliveries in milliseconds), never applied early.
+- Errors are classified. Permanent (undecodable, contradicting its envelope, failing on its own):
+  dead-lettered at once with its raw bytes and terminated. Transient (database unreachable): the batch
+  is nak'ed with the schedule's delay. A GAP that reaches `max_deliver` deliveries is dead-lettered.
+  Later events of a dead-lettered aggregate are parked in the dead-letter table instead of retried,
+  while other aggregates keep flowing. The consumer itself never gives up on an event (its server-side
+  max_deliver is unlimited): giving up is the projector's decision, so it is always recorded.
+- After each commit one NOTIFY carries the changed rows to the query side.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from typing import Any
 
 import nats.errors
-import sqlalchemy as sa
+import psycopg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders import jetstream
 from orders.config import Settings
 from orders.db import is_unavailable
 from orders.events import UndecodableEvent, parse_event
-from orders.read_model import CHANGES_CHANNEL, projection_checkpoints
-from orders.v1 import events_pb2
-from projector.projections import Change, NeverApplicable, Outcome, apply_event, check_applicable
+from orders.read_model import CHANGES_CHANNEL
+from projector import dead_letters
+from projector.projections import Change, Item, NeverApplicable, Outcome, apply_events, check_applicable
 
 log = logging.getLogger(__name__)
 
 PROJECTION_NAME = "order_summaries"
 NOTIFY_CHUNK_BYTES = 7000  # PostgreSQL caps a NOTIFY payload at 8000 bytes
 STALL_CHECK_SECONDS = 15.0  # empty fetches for this long → check the subscription is still alive
+CONFLICT_RETRY_DELAY = 0.05
+GAP_RECHECKS = 20  # in-process re-checks of a batch's GAP events, while they make progress
+GAP_RECHECK_PAUSE = 0.02
 
 
 def change_payloads(changes: list[Change]) -> list[str]:
@@ -57,6 +66,50 @@ def change_payloads(changes: list[Change]) -> list[str]:
     return payloads
 
 
+async def signal_changes(conn: psycopg.AsyncConnection[Any], changes: list[Change]) -> None:
+    """Record progress and NOTIFY the query side, in the caller's transaction (delivered at commit)."""
+    if not changes:
+        return
+    await conn.execute(
+        "INSERT INTO projection_checkpoints (projection, last_stream_seq, updated_at) VALUES (%s, %s, now()) "
+        "ON CONFLICT (projection) DO UPDATE SET last_stream_seq = GREATEST(projection_checkpoints.last_stream_seq,"
+        " EXCLUDED.last_stream_seq), updated_at = now()",
+        (PROJECTION_NAME, max(c.stream_seq for c in changes)),
+    )
+    await conn.execute(
+        "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload", (CHANGES_CHANNEL, change_payloads(changes))
+    )
+
+
+@contextlib.asynccontextmanager
+async def transaction(engine: AsyncEngine) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A pooled connection's psycopg driver connection inside one transaction (the hot path skips Core)."""
+    async with engine.begin() as conn:
+        raw = await conn.get_raw_connection()
+        yield raw.driver_connection  # type: ignore[misc]
+
+
+def _dead_letter(msg: Msg, event: Any, status: str, reason: str) -> dead_letters.DeadLetter:
+    if event is not None:
+        aggregate = (event.aggregate_type, event.aggregate_id)
+        version, event_id = event.aggregate_version, event.event_id
+    else:
+        aggregate, version, event_id = dead_letters.aggregate_of_subject(msg.subject), None, None
+    return dead_letters.DeadLetter(
+        stream_seq=msg.metadata.sequence.stream,
+        subject=msg.subject,
+        aggregate_type=aggregate[0],
+        aggregate_id=aggregate[1],
+        aggregate_version=version,
+        event_id=event_id,
+        status=status,
+        reason=reason,
+        deliveries=msg.metadata.num_delivered or 1,
+        payload=msg.data,
+        headers=dict(msg.headers or {}),
+    )
+
+
 class Projector:
     """Consumes ORDERS_EVENTS through the durable consumer and keeps the read model current."""
 
@@ -64,9 +117,15 @@ class Projector:
         self._settings = settings
         self._engine = engine
         self.applied_total = 0
+        self.dead_lettered_total = 0
+        self.nc: NATS | None = None
+
+    def retry_delay(self, deliveries: int) -> float:
+        schedule = self._settings.retry_backoff
+        return schedule[min(max(deliveries, 1), len(schedule)) - 1]
 
     async def run(self, stop: asyncio.Event) -> None:
-        nc = await jetstream.connect(self._settings.nats_url, "orders-projector")
+        nc = self.nc = await jetstream.connect(self._settings.nats_url, "orders-projector")
         try:
             await self._setup(nc)
             js = nc.jetstream(timeout=5)
@@ -77,7 +136,7 @@ class Projector:
                     msgs = await sub.fetch(self._settings.projector_batch, timeout=1.0)
                 except nats.errors.TimeoutError:
                     if time.monotonic() - idle_since > STALL_CHECK_SECONDS:
-                        sub = await self._check_stalled(js, sub)
+                        sub = await self._check_stalled(nc, js, sub)
                         idle_since = time.monotonic()
                     continue
                 except Exception as exc:  # connection trouble: the client reconnects by itself
@@ -105,7 +164,7 @@ class Projector:
         return await js.pull_subscribe_bind(durable=self._settings.consumer, stream=self._settings.stream)
 
     async def _check_stalled(
-        self, js: JetStreamContext, sub: JetStreamContext.PullSubscription
+        self, nc: NATS, js: JetStreamContext, sub: JetStreamContext.PullSubscription
     ) -> JetStreamContext.PullSubscription:
         """Watchdog: a pull subscription can stop receiving after a server restart (nats.py #504).
 
@@ -115,7 +174,7 @@ class Projector:
             info = await sub.consumer_info()
         except Exception as exc:
             log.warning("watchdog: consumer info unavailable (%s); re-creating consumer", exc)
-            await self._setup(js._nc)  # type: ignore[attr-defined]
+            await self._setup(nc)
             await sub.unsubscribe()
             return await self._subscribe(js)
         if (info.num_pending or 0) > 0:
@@ -126,68 +185,137 @@ class Projector:
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Apply msgs in one transaction, then ack, nak or terminate each one."""
-        decoded: list[tuple[Msg, events_pb2.EventEnvelope]] = []
+        items: list[tuple[Msg, Item]] = []
+        rejected: list[dead_letters.DeadLetter] = []
         for msg in msgs:
             try:
                 event = parse_event(msg.data)
                 check_applicable(event)
             except (UndecodableEvent, NeverApplicable) as exc:
-                log.error("terminating event at stream sequence %d: %s", msg.metadata.sequence.stream, exc)
-                await msg.term()
+                rejected.append(_dead_letter(msg, None, dead_letters.DEAD, f"permanent: {exc}"))
                 continue
-            decoded.append((msg, event))
-        if not decoded:
-            return
+            items.append((msg, Item(msg.metadata.sequence.stream, event)))
         try:
-            outcomes = await self._apply(decoded)
+            letters = await self._apply(msgs, items, rejected, give_up=False)
+            letters += await self._settle_gaps(msgs, items)
         except Exception as exc:
-            if is_unavailable(exc):
-                log.warning("read database unavailable (%s); %d events will be redelivered", exc, len(decoded))
-            else:
-                log.exception("applying a batch of %d events failed; it will be redelivered", len(decoded))
-            for msg, _ in decoded:
-                await msg.nak(delay=self._settings.gap_retry_delay * 4)
+            if is_unavailable(exc) or len(msgs) == 1:
+                await self._retry_later(msgs, exc)
+            else:  # one event may be failing the whole batch: find it by applying them one at a time
+                log.warning("batch of %d failed (%s); applying its events one by one", len(msgs), exc)
+                for msg in msgs:
+                    await self.handle_batch([msg])
             return
-        for (msg, event), outcome in zip(decoded, outcomes, strict=True):
-            if outcome is Outcome.GAP:
-                log.debug(
-                    "%s %s version %d arrived before its predecessor; retrying later",
-                    event.aggregate_type,
-                    event.aggregate_id,
-                    event.aggregate_version,
-                )
-                await msg.nak(delay=self._settings.gap_retry_delay)
-            else:
+        for msg, item in items:
+            if item.outcome in (Outcome.APPLIED, Outcome.DUPLICATE):
                 await msg.ack()
+            elif item.outcome is Outcome.CONFLICT:
+                await msg.nak(delay=CONFLICT_RETRY_DELAY)
+            elif item.outcome is Outcome.GAP:
+                log.debug("%s/%s v%d waits for its predecessor", *item.aggregate, item.event.aggregate_version)
+                await msg.nak(delay=self.retry_delay(msg.metadata.num_delivered or 1))
+        for msg in letters:
+            await msg.term()
 
-    async def _apply(self, decoded: list[tuple[Msg, events_pb2.EventEnvelope]]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        changes: list[Change] = []
-        async with self._engine.begin() as conn:
-            for msg, event in decoded:
-                outcome, change = await apply_event(conn, event, msg.metadata.sequence.stream)
-                outcomes.append(outcome)
-                if outcome is Outcome.APPLIED:
-                    changes.append(change)
-            if changes:
-                await self._record_progress(conn, changes)
-        self.applied_total += len(changes)
-        return outcomes
+    async def _settle_gaps(self, msgs: list[Msg], items: list[tuple[Msg, Item]]) -> list[Msg]:
+        """Re-try events that arrived before their predecessor, briefly, before nak'ing them.
 
-    @staticmethod
-    async def _record_progress(conn: AsyncConnection, changes: list[Change]) -> None:
-        highest = max(change.stream_seq for change in changes)
-        stmt = pg_insert(projection_checkpoints).values(
-            projection=PROJECTION_NAME, last_stream_seq=highest, updated_at=datetime.now(UTC)
-        )
-        await conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[projection_checkpoints.c.projection],
-                set_=dict(
-                    last_stream_seq=sa.func.greatest(projection_checkpoints.c.last_stream_seq, highest),
-                    updated_at=stmt.excluded.updated_at,
-                ),
-            )
-        )
-        for payload in change_payloads(changes):
-            await conn.execute(sa.select(sa.func.pg_notify(CHANGES_CHANNEL, payload)))
+        With several projector instances on one consumer, an aggregate's events are spread over their
+        batches, and the predecessor of a GAP is usually being committed by another instance right
+        now. A few short in-process re-checks apply it as soon as that commit lands, instead of a nak
+        round trip with the retry schedule's growing delays. Only then is an event that has reached
+        max_deliver deliveries declared dead.
+        """
+        letters: list[Msg] = []
+        for _ in range(GAP_RECHECKS):
+            waiting = [(msg, item) for msg, item in items if item.outcome is Outcome.GAP]
+            if not waiting:
+                return letters
+            await asyncio.sleep(GAP_RECHECK_PAUSE)
+            letters += await self._apply(msgs, waiting, [], give_up=False)
+            if all(item.outcome is Outcome.GAP for _, item in waiting):
+                break  # nothing moved: the predecessor is not about to arrive
+        exhausted = [
+            (msg, item)
+            for msg, item in items
+            if item.outcome is Outcome.GAP and (msg.metadata.num_delivered or 1) >= self._settings.max_deliver
+        ]
+        if exhausted:
+            letters += await self._apply(msgs, exhausted, [], give_up=True)
+        return letters
+
+    async def _retry_later(self, msgs: list[Msg], exc: Exception) -> None:
+        """Transient failure (or a lone event failing for a reason not yet known): nak with back-off.
+
+        A lone event that keeps failing is dead-lettered once it reaches max_deliver deliveries.
+        """
+        if is_unavailable(exc):
+            log.warning("read database unavailable (%s); %d events will be redelivered", exc, len(msgs))
+        else:
+            log.error("event at stream sequence %d failed: %r", msgs[0].metadata.sequence.stream, exc)
+            msg = msgs[0]
+            if (msg.metadata.num_delivered or 1) >= self._settings.max_deliver:
+                with contextlib.suppress(Exception):
+                    async with transaction(self._engine) as conn:
+                        event = None
+                        with contextlib.suppress(UndecodableEvent):
+                            event = parse_event(msg.data)
+                        reason = f"failed {self._settings.max_deliver} times: {exc!r}"
+                        letter = _dead_letter(msg, event, dead_letters.DEAD, reason)
+                        await dead_letters.record(conn, [letter])
+                    await msg.term()
+                    return
+        for msg in msgs:
+            await msg.nak(delay=self.retry_delay(msg.metadata.num_delivered or 1))
+
+    async def _apply(
+        self, msgs: list[Msg], items: list[tuple[Msg, Item]], rejected: list[dead_letters.DeadLetter], give_up: bool
+    ) -> list[Msg]:
+        """One transaction over items; returns the messages to terminate (now recorded as dead letters).
+
+        With give_up, a GAP that has had max_deliver deliveries becomes a dead letter.
+        """
+        letters = list(rejected)
+        async with transaction(self._engine) as conn:
+            known = await dead_letters.open_letters(conn, [item.aggregate for _, item in items])
+            runnable: list[Item] = []
+            for msg, item in items:
+                mine = known.get(item.aggregate, [])
+                if any(seq == item.seq for seq, _ in mine):
+                    item.outcome = None  # already a dead letter (redelivered after a crash): terminate
+                    letters.append(_dead_letter(msg, item.event, dead_letters.DEAD, "already dead-lettered"))
+                elif dead_letters.blocked_by(mine, item.seq, item.event.aggregate_version):
+                    item.outcome = None
+                    letters.append(_dead_letter(msg, item.event, dead_letters.PARKED, "parked behind a dead letter"))
+                else:
+                    runnable.append(item)
+            changes = await apply_events(conn, runnable)
+            for msg, item in items:
+                if (
+                    give_up
+                    and item.outcome is Outcome.GAP
+                    and (msg.metadata.num_delivered or 1) >= self._settings.max_deliver
+                ):
+                    item.outcome = None
+                    reason = (
+                        f"predecessor (version {item.event.aggregate_version - 1}) still missing after "
+                        f"{msg.metadata.num_delivered} deliveries"
+                    )
+                    letters.append(_dead_letter(msg, item.event, dead_letters.DEAD, reason))
+            await dead_letters.record(conn, letters)
+            await signal_changes(conn, changes)
+        self.applied_total += sum(1 for _, item in items if item.outcome is Outcome.APPLIED)
+        if letters:
+            self.dead_lettered_total += len(letters)
+            for letter in letters:
+                log.error(
+                    "dead letter (%s) at stream sequence %d, %s/%s v%s: %s",
+                    letter.status,
+                    letter.stream_seq,
+                    letter.aggregate_type,
+                    letter.aggregate_id,
+                    letter.aggregate_version,
+                    letter.reason,
+                )
+        by_seq = {msg.metadata.sequence.stream: msg for msg in msgs}
+        return [by_seq[letter.stream_seq] for letter in letters]

@@ -6,9 +6,12 @@ import asyncio
 import contextlib
 import logging
 
+import sqlalchemy as sa
+
 from orders import db
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
+from orders.read_model import projection_checkpoints
 from orders.runtime import configure_logging, stop_event
 from orders.v1 import queries_pb2
 from query_service.changes import ChangeFeed
@@ -17,6 +20,44 @@ from query_service.views import ReadModel
 
 log = logging.getLogger("query_service")
 SERVICE = queries_pb2.DESCRIPTOR.services_by_name["QueryService"]
+
+
+PROJECTION_HEALTH = "projection"  # health service name: NOT_SERVING while the projection lags
+PROJECTION_CHECK_INTERVAL = 2.0
+
+
+async def watch_projection(engine: db.AsyncEngine, settings: Settings, health: object) -> None:
+    """Report the projection as lagging when the projector's last lag report is too high or too old."""
+    serving: bool | None = None
+    while True:
+        row = None
+        try:
+            async with engine.connect() as conn:
+                row = (
+                    await conn.execute(
+                        sa.select(
+                            projection_checkpoints.c.lag_events,
+                            projection_checkpoints.c.lag_seconds,
+                            sa.func.extract("epoch", sa.func.now() - projection_checkpoints.c.lag_measured_at),
+                        )
+                    )
+                ).first()
+            ok = (
+                row is not None
+                and row[0] is not None
+                and row[0] <= settings.lag_alert_events
+                and row[1] <= settings.lag_alert_seconds
+                and float(row[2]) <= settings.lag_alert_seconds
+            )
+        except Exception as exc:
+            log.debug("projection status unavailable: %s", exc)
+            ok = False
+        if ok != serving:
+            if not ok:
+                log.warning("projection is lagging or not reporting (lag events, seconds, report age: %s)", row)
+            await set_serving(health, [PROJECTION_HEALTH], ok)  # type: ignore[arg-type]
+            serving = ok
+        await asyncio.sleep(PROJECTION_CHECK_INTERVAL)
 
 
 async def serve(settings: Settings) -> None:
@@ -31,6 +72,7 @@ async def serve(settings: Settings) -> None:
         servicer,
     )
     feed_task = asyncio.create_task(feed.run(), name="change-feed")
+    projection_task = asyncio.create_task(watch_projection(engine, settings, health), name="projection-health")
     await server.start()
     await set_serving(health, [SERVICE.full_name], True)
     host = settings.query_addr.rpartition(":")[0]
@@ -41,9 +83,10 @@ async def serve(settings: Settings) -> None:
         log.info("stopping: no new calls, finishing in-flight ones")
         await set_serving(health, [SERVICE.full_name], False)
         await server.stop(grace=2)
-        feed_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await feed_task
+        for task in (feed_task, projection_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await engine.dispose()
 
 

@@ -21,7 +21,7 @@ import psycopg
 
 from orders.consistency import Versions
 from orders.db import libpq_url
-from orders.read_model import CHANGES_CHANNEL
+from orders.read_model import CHANGES_CHANNEL, RESYNC_PAYLOAD
 from orders.v1 import queries_pb2
 from query_service.views import ReadModel
 
@@ -109,6 +109,9 @@ class ChangeFeed:
         return watches
 
     async def _dispatch(self, payload: str) -> None:
+        if payload == RESYNC_PAYLOAD:  # the tables were swapped by a rebuild: everyone re-reads
+            self._wake_everyone()
+            return
         try:
             changes = [(kind, key, customer) for kind, key, _version, _seq, customer in json.loads(payload)]
         except (ValueError, TypeError):

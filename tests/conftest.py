@@ -98,7 +98,7 @@ def stack(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     try:
         for module in local_stack.SERVICES:
             running.start(module)
-        for address in (settings.command_addr, settings.query_addr):
+        for address in (settings.command_addr, settings.query_addr, settings.admin_addr):
             local_stack.wait_until(lambda a=address: serving_or_raise(a, processes), 60, f"{address} SERVING")
         yield running
     finally:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 from command_service.schema import metadata as write_metadata
-from orders import db, local_stack
+from orders import db, jetstream, local_stack
 from orders.config import Settings
+from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, timestamp
 from orders.read_model import metadata as read_metadata
-from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
+from orders.v1 import commands_pb2_grpc, common_pb2, events_pb2, queries_pb2_grpc
 
 T = TypeVar("T")
 
@@ -50,6 +54,7 @@ def isolated_settings(infra: Infra, **overrides: Any) -> Settings:
         nats_url=infra.nats_url,
         command_addr=f"127.0.0.1:{local_stack.free_port()}",
         query_addr=f"127.0.0.1:{local_stack.free_port()}",
+        admin_addr=f"127.0.0.1:{local_stack.free_port()}",
         stream=f"ORDERS_EVENTS_{suffix}",
         consumer=f"projector_{suffix}",
         log_level="DEBUG",
@@ -82,3 +87,140 @@ def eventually(probe: Callable[[], T | None], timeout: float = 5.0, what: str = 
 
     local_stack.wait_until(check, timeout, what, interval=0.05)
     return result[0]
+
+
+@dataclass
+class History:
+    """A consistent synthetic event history, and the read state it must project to."""
+
+    events: list[OutgoingEvent]
+    products: dict[str, tuple[int, int]]  # sku → (version, stock)
+    orders: dict[str, tuple[int, str]]  # order id → (version, status)
+
+
+def synthetic_history(
+    events: int, orders: int, products: int, *, seed: int = 7, prefix: str = "H", order_share: float = 0.5
+) -> History:
+    """Events as the command side would write them: products, orders reserving stock, cancellations,
+    inventory adjustments; each aggregate's versions consecutive from 1."""
+    rng = random.Random(seed)
+    meta = EventContext(occurred_at=datetime.now(UTC), correlation_id="synthetic", causation_id="synthetic")
+    out: list[OutgoingEvent] = []
+    stock: dict[str, int] = {}
+    version: dict[str, int] = {}
+    placed: dict[str, list[tuple[str, int]]] = {}
+    status: dict[str, str] = {}
+    skus = [f"{prefix}-{i}" for i in range(products)]
+
+    def product_event(sku: str, **payload: Any) -> None:
+        version[sku] = version.get(sku, 0) + 1
+        out.append(build_event(meta, PRODUCT, sku, version[sku], **payload))
+
+    for sku in skus:
+        stock[sku] = 1_000_000
+        upserted = events_pb2.ProductUpserted(
+            name=f"Product {sku}", unit_price=common_pb2.Money(currency_code="EUR", minor_units=250), stock=stock[sku]
+        )
+        product_event(sku, product_upserted=upserted)
+    while len(out) < events:
+        roll = rng.random()
+        open_orders = [o for o, s in status.items() if s == "PLACED"]
+        if len(placed) < orders and roll < order_share:
+            order_id = str(uuid.UUID(int=rng.getrandbits(128)))
+            lines = [(sku, rng.randint(1, 5)) for sku in sorted(rng.sample(skus, rng.randint(1, 3)))]
+            placed[order_id], status[order_id], version[order_id] = lines, "PLACED", 1
+            body = events_pb2.OrderPlaced(
+                customer_id=f"{prefix}-customer-{rng.randint(1, 20)}",
+                lines=[
+                    events_pb2.OrderLine(
+                        sku=s,
+                        name=f"Product {s}",
+                        quantity=q,
+                        unit_price=common_pb2.Money(currency_code="EUR", minor_units=250),
+                    )
+                    for s, q in lines
+                ],
+                total=common_pb2.Money(currency_code="EUR", minor_units=250 * sum(q for _, q in lines)),
+                placed_at=timestamp(meta.occurred_at),
+            )
+            out.append(build_event(meta, ORDER, order_id, 1, order_placed=body))
+            for sku, quantity in lines:
+                stock[sku] -= quantity
+                product_event(
+                    sku, stock_reserved=events_pb2.StockReserved(order_id=order_id, quantity=quantity, stock=stock[sku])
+                )
+        elif open_orders and roll < 0.55:
+            order_id = rng.choice(open_orders)
+            status[order_id], version[order_id] = "CANCELLED", 2
+            out.append(
+                build_event(meta, ORDER, order_id, 2, order_cancelled=events_pb2.OrderCancelled(reason="synthetic"))
+            )
+            for sku, quantity in placed[order_id]:
+                stock[sku] += quantity
+                product_event(
+                    sku, stock_released=events_pb2.StockReleased(order_id=order_id, quantity=quantity, stock=stock[sku])
+                )
+        else:
+            sku = rng.choice(skus)
+            delta = rng.randint(1, 50)
+            stock[sku] += delta
+            product_event(sku, inventory_adjusted=events_pb2.InventoryAdjusted(delta=delta, stock=stock[sku]))
+    return History(
+        events=out,
+        products={sku: (version[sku], stock[sku]) for sku in skus},
+        orders={o: (version[o], status[o]) for o in placed},
+    )
+
+
+async def publish_events(
+    settings: Settings, events: list[OutgoingEvent], *, in_flight: int = 256, duplicate_share: float = 0.0
+) -> None:
+    """Publish events to settings.stream (created if missing), in_flight acks at a time.
+
+    duplicate_share re-publishes that fraction of events once more under a new message id (a copy the
+    stream's deduplication cannot catch), to exercise the projector's own duplicate detection.
+    """
+    nc = await jetstream.connect(settings.nats_url, "test-publisher", retry_forever=False)
+    try:
+        await jetstream.ensure_stream(nc, settings)
+        js = nc.jetstream(timeout=30)
+        rng = random.Random(len(events))
+        sends = [(e, e.event_id) for e in events]
+        sends += [(e, str(uuid.uuid4())) for e in events if rng.random() < duplicate_share]
+        for start in range(0, len(sends), in_flight):
+            await asyncio.gather(
+                *(
+                    js.publish(e.subject, e.payload, headers={"Nats-Msg-Id": msg_id})
+                    for e, msg_id in sends[start : start + in_flight]
+                )
+            )
+    finally:
+        await jetstream.close(nc)
+
+
+def read_rows(settings: Settings) -> dict[str, list[tuple[Any, ...]]]:
+    """Every projected row (search column excluded), sorted, for comparing read models."""
+    import psycopg
+
+    from orders.db import libpq_url
+
+    with psycopg.connect(libpq_url(settings.read_database_url)) as conn:
+        orders = conn.execute(
+            "SELECT order_id, customer_id, status, lines, item_count, total_minor, currency, placed_at, updated_at,"
+            " cancel_reason, version, stream_seq FROM order_summaries ORDER BY order_id"
+        ).fetchall()
+        products = conn.execute("SELECT * FROM product_views ORDER BY sku").fetchall()
+    return {"orders": [tuple(r) for r in orders], "products": [tuple(r) for r in products]}
+
+
+def projected_state(settings: Settings) -> tuple[dict[str, tuple[int, int]], dict[str, tuple[int, str]]]:
+    rows = read_rows(settings)
+    products = {r[0]: (r[5], r[4]) for r in rows["products"]}
+    orders = {r[0]: (r[10], r[2]) for r in rows["orders"]}
+    return products, orders
+
+
+def projects(settings: Settings, history: History) -> bool:
+    """True once the read database holds exactly the state history must project to."""
+    products, orders = projected_state(settings)
+    return products == history.products and orders == history.orders

@@ -76,15 +76,3 @@ def test_out_of_order_and_duplicate_events_apply_once_in_version_order(stack: St
     asyncio.run(publish(stack, [(marker, marker.event_id)]))
     eventually(lambda: (v := view(stack, sentinel)) and v[0] == 2, timeout=5, what="second sentinel")
     assert view(stack, sku) == final
-
-
-def test_undecodable_event_is_terminated_and_does_not_block_others(stack: Stack) -> None:
-    sku = f"P-{uuid.uuid4().hex[:8]}"
-    good = product_event(sku, 1, 3)
-    asyncio.run(
-        publish(
-            stack,
-            [((f"orders.v1.events.product.{sku}", b"\xff\x00 not protobuf"), str(uuid.uuid4())), (good, good.event_id)],
-        )
-    )
-    assert eventually(lambda: view(stack, sku), timeout=5, what="event after garbage projected")[:2] == (1, 3)

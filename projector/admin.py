@@ -1,0 +1,158 @@
+"""AdminService: the projector's operations over gRPC (lag, dead letters, rebuild, verify)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+from nats.aio.client import Client as NATS
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orders.config import Settings
+from orders.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from orders.events import UndecodableEvent, parse_event
+from orders.grpc_server import rpc
+from orders.v1 import admin_pb2, admin_pb2_grpc
+from projector import dead_letters, lag, rebuild, verify
+from projector.consumer import Projector, signal_changes, transaction
+
+_STATUS = {
+    dead_letters.DEAD: admin_pb2.DEAD_LETTER_STATUS_DEAD,
+    dead_letters.PARKED: admin_pb2.DEAD_LETTER_STATUS_PARKED,
+}
+
+
+def _letter(row: tuple[Any, ...], with_payload: bool) -> admin_pb2.DeadLetter:
+    (
+        letter_id,
+        seq,
+        subject,
+        kind,
+        ident,
+        version,
+        _event_id,
+        status,
+        reason,
+        deliveries,
+        payload,
+        _headers,
+        created_at,
+    ) = row
+    created = timestamp_pb2.Timestamp()
+    created.FromDatetime(created_at)
+    message = admin_pb2.DeadLetter(
+        id=letter_id,
+        stream_sequence=seq,
+        subject=subject,
+        aggregate_type=kind,
+        aggregate_id=ident,
+        aggregate_version=version or 0,
+        status=_STATUS.get(status, admin_pb2.DEAD_LETTER_STATUS_UNSPECIFIED),
+        reason=reason,
+        deliveries=deliveries,
+        created_at=created,
+    )
+    if with_payload:
+        message.payload = bytes(payload)
+        with contextlib.suppress(UndecodableEvent):
+            message.event.CopyFrom(parse_event(bytes(payload)))
+    return message
+
+
+def _ids(values: Any) -> list[int]:
+    ids = list(values)
+    if not ids or len(ids) > 1000:
+        raise InvalidArgument([FieldViolation("ids", "give 1 to 1000 dead letter ids")])
+    return ids
+
+
+class AdminService(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, settings: Settings, engine: AsyncEngine, projector: Projector) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._projector = projector
+
+    def _nats(self) -> NATS:
+        """The projector's NATS connection (shared), or UNAVAILABLE while it is not connected."""
+        nc = self._projector.nc
+        if nc is None or not nc.is_connected:
+            raise Unavailable("the projector is not connected to NATS")
+        return nc
+
+    @rpc
+    async def GetProjectionLag(
+        self, request: admin_pb2.GetProjectionLagRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetProjectionLagResponse:
+        measured = await lag.measure(self._nats(), self._settings)
+        async with transaction(self._engine) as conn:
+            cur = await conn.execute("SELECT count(*) FROM dead_letters")
+            count = (await cur.fetchone() or (0,))[0]
+        return admin_pb2.GetProjectionLagResponse(
+            stream_last_sequence=measured.stream_last_seq,
+            ack_floor_sequence=measured.ack_floor_seq,
+            lag_events=measured.events,
+            lag_seconds=measured.seconds,
+            ack_pending=measured.ack_pending,
+            dead_letters=count,
+        )
+
+    @rpc
+    async def ListDeadLetters(
+        self, request: admin_pb2.ListDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListDeadLettersResponse:
+        if not 0 <= request.page_size <= 1000:
+            raise InvalidArgument([FieldViolation("page_size", "must be 1 to 1000")])
+        async with transaction(self._engine) as conn:
+            rows = await dead_letters.list_letters(conn, request.page_size or 100)
+        return admin_pb2.ListDeadLettersResponse(dead_letters=[_letter(row, False) for row in rows])
+
+    @rpc
+    async def GetDeadLetter(
+        self, request: admin_pb2.GetDeadLetterRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.GetDeadLetterResponse:
+        async with transaction(self._engine) as conn:
+            row = await dead_letters.get_letter(conn, request.id)
+        if row is None:
+            raise NotFound(f"dead letter {request.id} not found")
+        return admin_pb2.GetDeadLetterResponse(dead_letter=_letter(row, True))
+
+    @rpc
+    async def ReplayDeadLetters(
+        self, request: admin_pb2.ReplayDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ReplayDeadLettersResponse:
+        async with transaction(self._engine) as conn:
+            result = await dead_letters.replay(conn, _ids(request.ids))
+            await signal_changes(conn, result.changes)
+        return admin_pb2.ReplayDeadLettersResponse(applied=result.applied, still_open=result.still_open)
+
+    @rpc
+    async def DiscardDeadLetters(
+        self, request: admin_pb2.DiscardDeadLettersRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DiscardDeadLettersResponse:
+        async with transaction(self._engine) as conn:
+            count = await dead_letters.discard(conn, _ids(request.ids))
+        return admin_pb2.DiscardDeadLettersResponse(discarded=count)
+
+    @rpc
+    async def RebuildReadModel(
+        self, request: admin_pb2.RebuildReadModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.RebuildReadModelResponse]:
+        async for step in rebuild.rebuild(self._nats(), self._engine, self._settings):
+            yield admin_pb2.RebuildReadModelResponse(
+                replayed=step.replayed, target_sequence=step.target_seq, swapped=step.swapped
+            )
+
+    @rpc
+    async def VerifyReadModel(
+        self, request: admin_pb2.VerifyReadModelRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.VerifyReadModelResponse:
+        report = await verify.verify(self._settings.write_database_url, self._settings.read_database_url)
+        return admin_pb2.VerifyReadModelResponse(
+            orders_checked=report.orders_checked,
+            products_checked=report.products_checked,
+            differences=report.differences[:100],
+            difference_count=len(report.differences),
+        )

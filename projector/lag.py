@@ -1,0 +1,51 @@
+"""How far the projection is behind the stream, in events and in seconds."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from nats.aio.client import Client as NATS
+
+from orders.config import Settings
+from orders.events import parse_event
+
+
+@dataclass(frozen=True)
+class Lag:
+    stream_last_seq: int
+    ack_floor_seq: int
+    ack_pending: int
+    events: int  # stream last sequence - ack floor
+    seconds: float  # age of the oldest event not yet acknowledged; 0 when caught up
+
+
+async def measure(nc: NATS, settings: Settings) -> Lag:
+    """Ask JetStream: events behind = stream last sequence - the consumer's ack floor."""
+    jsm = nc.jsm()
+    stream = await jsm.stream_info(settings.stream)
+    consumer = await jsm.consumer_info(settings.stream, settings.consumer)
+    last = stream.state.last_seq or 0
+    floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
+    behind = max(0, last - (floor or 0))
+    seconds = 0.0
+    if behind:
+        try:
+            oldest = await jsm.get_msg(settings.stream, (floor or 0) + 1)
+            occurred = parse_event(oldest.data or b"").occurred_at.ToNanoseconds() / 1e9
+            seconds = max(0.0, time.time() - occurred)
+        except Exception:  # deleted, or undecodable: the count alone must do
+            seconds = 0.0
+    return Lag(last, floor or 0, consumer.num_ack_pending or 0, behind, seconds)
+
+
+async def record(conn: psycopg.AsyncConnection[Any], projection: str, lag: Lag) -> None:
+    """Store the measurement where the query service reads it for its health status."""
+    await conn.execute(
+        "INSERT INTO projection_checkpoints (projection, last_stream_seq, updated_at, lag_events, lag_seconds,"
+        " lag_measured_at) VALUES (%s, 0, now(), %s, %s, now()) ON CONFLICT (projection) DO UPDATE SET"
+        " lag_events = EXCLUDED.lag_events, lag_seconds = EXCLUDED.lag_seconds, lag_measured_at = now()",
+        (projection, lag.events, lag.seconds),
+    )

@@ -1,0 +1,196 @@
+"""Poison events, retries and parking: the dead-letter table and the operator actions on it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from orders import jetstream, local_stack
+from orders.config import Settings
+from orders.db import libpq_url
+from orders.events import PRODUCT, EventContext, OutgoingEvent, build_event
+from orders.v1 import admin_pb2, admin_pb2_grpc, common_pb2, events_pb2
+from tests.support import Infra, eventually, isolated_settings, migrate, publish_events
+
+pytestmark = pytest.mark.e2e
+
+
+def product_event(sku: str, version: int, stock: int) -> OutgoingEvent:
+    meta = EventContext(occurred_at=datetime.now(UTC), correlation_id="test", causation_id="test")
+    if version == 1:
+        upserted = events_pb2.ProductUpserted(
+            name=f"Product {sku}", unit_price=common_pb2.Money(currency_code="EUR", minor_units=100), stock=stock
+        )
+        return build_event(meta, PRODUCT, sku, version, product_upserted=upserted)
+    return build_event(
+        meta, PRODUCT, sku, version, inventory_adjusted=events_pb2.InventoryAdjusted(delta=1, stock=stock)
+    )
+
+
+@dataclass
+class ProjectorUnderTest:
+    settings: Settings
+    proc: local_stack.ManagedProcess
+    admin: admin_pb2_grpc.AdminServiceStub
+
+    def view(self, sku: str) -> tuple[int, int] | None:
+        with psycopg.connect(libpq_url(self.settings.read_database_url)) as conn:
+            row = conn.execute("SELECT version, stock FROM product_views WHERE sku = %s", (sku,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def letters(self) -> list[admin_pb2.DeadLetter]:
+        return list(self.admin.ListDeadLetters(admin_pb2.ListDeadLettersRequest(), timeout=5).dead_letters)
+
+    def publish(self, *items: OutgoingEvent | tuple[str, bytes]) -> None:
+        async def send() -> None:
+            nc = await jetstream.connect(self.settings.nats_url, "test", retry_forever=False)
+            try:
+                js = nc.jetstream()
+                for item in items:
+                    subject, payload = (item.subject, item.payload) if isinstance(item, OutgoingEvent) else item
+                    await js.publish(subject, payload, headers={"Nats-Msg-Id": str(uuid.uuid4())})
+            finally:
+                await jetstream.close(nc)
+
+        asyncio.run(send())
+
+
+@pytest.fixture
+def projector(infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path) -> Iterator[ProjectorUnderTest]:
+    settings = isolated_settings(infra, nats_url=own_nats.url, max_deliver=3, retry_backoff=(0.2,))
+    asyncio.run(migrate(settings))
+    asyncio.run(publish_events(settings, []))  # creates the stream
+    proc = local_stack.start_service("projector", settings.to_env(), tmp_path)
+    channel = grpc.insecure_channel(settings.admin_addr)
+    try:
+        local_stack.wait_until(lambda: local_stack.grpc_serving(settings.admin_addr), 30, "projector SERVING")
+        yield ProjectorUnderTest(settings, proc, admin_pb2_grpc.AdminServiceStub(channel))
+    finally:
+        channel.close()
+        proc.stop()
+
+
+def test_undecodable_event_is_dead_lettered_and_parks_its_aggregate(projector: ProjectorUnderTest) -> None:
+    poisoned, healthy = f"P-{uuid.uuid4().hex[:8]}", f"Q-{uuid.uuid4().hex[:8]}"
+    garbage = b"\xff\x00 not protobuf"
+    projector.publish(
+        (f"orders.v1.events.product.{poisoned}", garbage), product_event(poisoned, 1, 5), product_event(healthy, 1, 7)
+    )
+    assert eventually(lambda: projector.view(healthy), 5, "other aggregate flows") == (1, 7)
+    letters = eventually(lambda: len(found := projector.letters()) == 2 and found, 5, "two dead letters")
+    dead, parked = letters
+    assert (dead.status, dead.aggregate_id, dead.aggregate_version) == (admin_pb2.DEAD_LETTER_STATUS_DEAD, poisoned, 0)
+    assert "permanent" in dead.reason and dead.deliveries == 1 and dead.stream_sequence > 0
+    assert (parked.status, parked.aggregate_version) == (admin_pb2.DEAD_LETTER_STATUS_PARKED, 1)
+    assert projector.view(poisoned) is None  # parked, not applied
+
+    shown = projector.admin.GetDeadLetter(admin_pb2.GetDeadLetterRequest(id=dead.id), timeout=5).dead_letter
+    assert shown.payload == garbage and not shown.HasField("event")
+    shown = projector.admin.GetDeadLetter(admin_pb2.GetDeadLetterRequest(id=parked.id), timeout=5).dead_letter
+    assert shown.event.product_upserted.stock == 5
+
+    # The poison was junk: discard it, then replay what was parked behind it.
+    assert (
+        projector.admin.DiscardDeadLetters(admin_pb2.DiscardDeadLettersRequest(ids=[dead.id]), timeout=5).discarded == 1
+    )
+    replayed = projector.admin.ReplayDeadLetters(admin_pb2.ReplayDeadLettersRequest(ids=[parked.id]), timeout=5)
+    assert (replayed.applied, replayed.still_open) == (1, 0)
+    assert projector.view(poisoned) == (1, 5)
+    assert projector.letters() == []
+    lag = eventually(
+        lambda: (
+            (g := projector.admin.GetProjectionLag(admin_pb2.GetProjectionLagRequest(), timeout=5))
+            and g.lag_events == 0
+            and g
+        ),
+        5,
+        "terminated events acknowledged",
+    )
+    assert lag.dead_letters == 0 and lag.stream_last_sequence == 3
+
+
+def test_missing_predecessor_is_dead_lettered_after_max_deliver_then_replayed(projector: ProjectorUnderTest) -> None:
+    sku, other = f"G-{uuid.uuid4().hex[:8]}", f"O-{uuid.uuid4().hex[:8]}"
+    v2 = product_event(sku, 2, 20)
+    projector.publish(product_event(sku, 1, 10), product_event(sku, 3, 30))
+    letters = eventually(lambda: projector.letters(), 10, "gap dead-lettered after 3 deliveries")
+    assert [(dl.aggregate_version, dl.status, dl.deliveries) for dl in letters] == [
+        (3, admin_pb2.DEAD_LETTER_STATUS_DEAD, 3)
+    ]
+    assert "predecessor" in letters[0].reason
+
+    projector.publish(product_event(sku, 4, 40), product_event(other, 1, 1))
+    eventually(lambda: len(projector.letters()) == 2, 5, "v4 parked behind v3")
+    assert projector.letters()[1].status == admin_pb2.DEAD_LETTER_STATUS_PARKED
+    assert projector.view(other) == (1, 1)
+
+    projector.publish(v2)  # the lost predecessor finally arrives: it is older than the dead letter, so it applies
+    assert eventually(lambda: projector.view(sku) == (2, 20), 5, "v2 applied")
+    result = projector.admin.ReplayDeadLetters(admin_pb2.ReplayDeadLettersRequest(ids=[letters[0].id]), timeout=5)
+    assert (result.applied, result.still_open) == (2, 0)
+    assert projector.view(sku) == (4, 40)
+    assert projector.letters() == []
+
+
+def test_database_outage_naks_with_back_off_and_reports_not_serving(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    pg = local_stack.start_postgres(tmp_path / "readdb", durable=False)
+    settings = isolated_settings(
+        infra, nats_url=own_nats.url, read_database_url=pg.url("orders_read"), retry_backoff=(1.0,), max_deliver=50
+    )
+    asyncio.run(migrate(settings))
+    asyncio.run(publish_events(settings, []))
+    proc = local_stack.start_service("projector", settings.to_env(), tmp_path / "logs")
+    try:
+        local_stack.wait_until(lambda: local_stack.grpc_serving(settings.admin_addr), 30, "projector SERVING")
+        sku = f"T-{uuid.uuid4().hex[:8]}"
+        asyncio.run(publish_events(settings, [product_event(sku, 1, 1)]))
+
+        def deliveries() -> int:
+            async def ask() -> int:
+                nc = await jetstream.connect(settings.nats_url, "test", retry_forever=False)
+                try:
+                    info = await nc.jsm().consumer_info(settings.stream, settings.consumer)
+                    return int(info.delivered.consumer_seq or 0)
+                finally:
+                    await jetstream.close(nc)
+
+            return asyncio.run(ask())
+
+        with psycopg.connect(libpq_url(settings.read_database_url)) as conn:
+            eventually(
+                lambda: conn.execute("SELECT version FROM product_views WHERE sku = %s", (sku,)).fetchone() == (1,),
+                10,
+                "first event applied",
+            )
+        eventually(lambda: deliveries() == 1, 10, "first event delivered once")
+        pg.stop()
+        started = time.monotonic()
+        asyncio.run(publish_events(settings, [product_event(sku, 2, 2)]))
+        eventually(lambda: deliveries() >= 5, 20, "three retries")
+        # Each retry waited for the schedule's 1 s: a plain nak would have redelivered hundreds of times.
+        assert time.monotonic() - started >= 2.5 and deliveries() <= 12
+        eventually(lambda: not local_stack.grpc_serving(settings.admin_addr), 10, "health NOT_SERVING")
+
+        pg = local_stack.start_postgres(tmp_path / "readdb", port=pg.port, durable=False)
+        eventually(lambda: local_stack.grpc_serving(settings.admin_addr), 15, "health SERVING again")
+        with psycopg.connect(libpq_url(settings.read_database_url)) as conn:
+            eventually(
+                lambda: conn.execute("SELECT version FROM product_views WHERE sku = %s", (sku,)).fetchone() == (2,),
+                15,
+                "event applied after the outage",
+            )
+        assert proc.alive()
+    finally:
+        proc.stop()
+        pg.stop()

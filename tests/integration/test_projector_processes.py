@@ -1,0 +1,191 @@
+"""Projector processes against a shared stream: consumer set-up, two instances at once, SIGKILLs, verify."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from orders import jetstream, local_stack
+from orders.config import Settings
+from orders.db import libpq_url
+from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2
+from tests.support import (
+    Infra,
+    eventually,
+    isolated_settings,
+    migrate,
+    projects,
+    publish_events,
+    read_rows,
+    serving_or_raise,
+    synthetic_history,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+def start_projector(settings: Settings, log_dir: Path) -> local_stack.ManagedProcess:
+    proc = local_stack.start_service("projector", settings.to_env(), log_dir)
+    local_stack.wait_until(lambda: serving_or_raise(settings.admin_addr, {"p": proc}), 30, "projector SERVING")
+    return proc
+
+
+def with_changes(settings: Settings, **changes: object) -> Settings:
+    return Settings(**{**settings.__dict__, **changes})
+
+
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orders.cli", *args],
+        env={**os.environ, **settings.to_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_consumer_is_created_and_updated_from_settings(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    settings = isolated_settings(infra, nats_url=own_nats.url, ack_wait=12.0)
+    asyncio.run(migrate(settings))
+
+    async def consumer_config() -> tuple[float, int, str]:
+        nc = await jetstream.connect(settings.nats_url, "test", retry_forever=False)
+        try:
+            config = (await nc.jsm().consumer_info(settings.stream, settings.consumer)).config
+            return config.ack_wait or 0, config.max_deliver or 0, str(config.ack_policy)
+        finally:
+            await jetstream.close(nc)
+
+    first = start_projector(settings, tmp_path)
+    first.stop()
+    assert asyncio.run(consumer_config()) == (12.0, -1, "explicit")
+    again = start_projector(with_changes(settings, ack_wait=45.0), tmp_path)  # same consumer, new settings
+    again.stop()
+    assert asyncio.run(consumer_config())[0] == 45.0
+
+
+def test_two_projectors_on_one_consumer_equal_one_projector(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    history = synthetic_history(5000, 200, 20, seed=11, prefix=f"T{uuid.uuid4().hex[:6]}")
+    pair = isolated_settings(infra, nats_url=own_nats.url, projector_batch=16, consumer="pair")
+    single = with_changes(isolated_settings(infra, nats_url=own_nats.url), stream=pair.stream, consumer="single")
+    for settings in (pair, single):
+        asyncio.run(migrate(settings))
+    procs = [
+        start_projector(pair, tmp_path / "a"),
+        start_projector(with_changes(pair, admin_addr=f"127.0.0.1:{local_stack.free_port()}"), tmp_path / "b"),
+        start_projector(single, tmp_path / "c"),
+    ]
+    try:
+        # 256 publishes in flight reorder events within an aggregate now and then; 5% are published twice.
+        asyncio.run(publish_events(pair, history.events, duplicate_share=0.05))
+        eventually(lambda: projects(pair, history), 90, "two projectors reach the final state")
+        eventually(lambda: projects(single, history), 90, "one projector reaches the final state")
+        assert read_rows(pair) == read_rows(single)
+        applied = [p.log_path.read_text().count("\n") for p in procs[:2]]
+        assert all(lines > 0 for lines in applied)
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def test_sigkilled_projector_leaves_read_model_equal_to_write_model(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    settings = isolated_settings(infra, nats_url=own_nats.url, projector_batch=8, ack_wait=2.0)
+    asyncio.run(migrate(settings))
+    command = local_stack.start_service("command_service", settings.to_env(), tmp_path / "c")
+    local_stack.wait_until(lambda: serving_or_raise(settings.command_addr, {"c": command}), 30, "commands SERVING")
+    projector = start_projector(settings, tmp_path / "p")
+    channel = grpc.insecure_channel(settings.command_addr)
+    stub = commands_pb2_grpc.CommandServiceStub(channel)
+    skus = [f"K{i}" for i in range(8)]
+    try:
+        for sku in skus:
+            stub.UpsertProduct(
+                commands_pb2.UpsertProductRequest(
+                    request_id=str(uuid.uuid4()),
+                    sku=sku,
+                    name=sku,
+                    unit_price=common_pb2.Money(currency_code="EUR", minor_units=99),
+                ),
+                timeout=10,
+            )
+            stub.UpdateInventory(
+                commands_pb2.UpdateInventoryRequest(request_id=str(uuid.uuid4()), sku=sku, set_level=100_000),
+                timeout=10,
+            )
+        done = threading.Event()
+        placed: list[str] = []
+
+        def load() -> None:
+            rng = random.Random(5)
+            while not done.is_set() and len(placed) < 600:
+                if placed and rng.random() < 0.3:
+                    stub.CancelOrder(
+                        commands_pb2.CancelOrderRequest(
+                            request_id=str(uuid.uuid4()), order_id=placed.pop(rng.randrange(len(placed)))
+                        ),
+                        timeout=10,
+                    )
+                else:
+                    reply = stub.PlaceOrder(
+                        commands_pb2.PlaceOrderRequest(
+                            request_id=str(uuid.uuid4()),
+                            customer_id=f"c{rng.randint(1, 9)}",
+                            lines=[
+                                commands_pb2.PlaceOrderLine(sku=s, quantity=rng.randint(1, 3))
+                                for s in rng.sample(skus, rng.randint(1, 4))
+                            ],
+                        ),
+                        timeout=10,
+                    )
+                    placed.append(reply.order_id)
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        kills = 0
+        try:
+            for _ in range(4):  # SIGKILL mid-load, once the projector has applied something since its start
+                base = applied_rows(settings)
+                eventually(lambda b=base: applied_rows(settings) > b + 20, 30, "projector making progress")
+                projector.kill()
+                kills += 1
+                projector = start_projector(settings, tmp_path / "p")
+        finally:
+            done.set()
+            loader.join(60)
+        assert kills == 4
+        eventually(lambda: cli(settings, "verify").returncode == 0, 90, "read model equals write model")
+        report = cli(settings, "verify", "--json")
+        assert json.loads(report.stdout)["orders_checked"] > 50
+
+        with psycopg.connect(libpq_url(settings.read_database_url), autocommit=True) as conn:
+            conn.execute("UPDATE product_views SET stock = stock + 1 WHERE sku = 'K3'")
+        tampered = cli(settings, "verify")
+        assert tampered.returncode == 1
+        assert "product K3: stock is" in tampered.stdout and "1 differences" in tampered.stdout
+    finally:
+        channel.close()
+        projector.stop()
+        command.stop()
+
+
+def applied_rows(settings: Settings) -> int:
+    with psycopg.connect(libpq_url(settings.read_database_url)) as conn:
+        row = conn.execute("SELECT coalesce(sum(version), 0) FROM order_summaries").fetchone()
+    return int(row[0]) if row else 0
