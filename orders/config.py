@@ -103,6 +103,9 @@ class Settings:
         _parse_schedule,
         "Comma-separated delays (s) before retry N of an event (nak with delay); the last one repeats.",
     )
+    change_retention: float = _setting(
+        86400.0, _parse_positive_float, "Seconds order changes are kept for watch streams that resume."
+    )
     lag_alert_events: int = _setting(
         1000, _parse_positive_int, "Projection lag (events) above which the query side reports it as lagging."
     )

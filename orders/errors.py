@@ -109,3 +109,9 @@ class Unavailable(DomainError):
     """A dependency is unreachable or the projection is behind; the client may retry."""
 
     code = code_pb2.UNAVAILABLE
+
+
+class ResourceExhausted(DomainError):
+    """A client exceeded a limit that protects the server (e.g. a watch stream it did not read)."""
+
+    code = code_pb2.RESOURCE_EXHAUSTED

@@ -153,8 +153,10 @@ def create_server(
     return server, port, health_servicer
 
 
-async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool) -> None:
-    """Mark the overall server ('') and each named service SERVING or NOT_SERVING."""
+async def set_serving(
+    health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool, *, overall: bool = True
+) -> None:
+    """Mark each named service (and, with overall, the server as a whole: '') SERVING or NOT_SERVING."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-    for name in ("", *names):
+    for name in ("", *names) if overall else names:
         await health_servicer.set(name, status)

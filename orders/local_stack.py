@@ -155,10 +155,13 @@ class LocalPostgres:
         self.process.stop(grace=30)
 
 
-def start_postgres(data_dir: Path, port: int | None = None, *, durable: bool = True) -> LocalPostgres:
+def start_postgres(
+    data_dir: Path, port: int | None = None, *, durable: bool = True, options: dict[str, str] | None = None
+) -> LocalPostgres:
     """Initialise data_dir on first use, then run PostgreSQL on 127.0.0.1:port (trust auth, loopback only).
 
-    durable=False turns off fsync for throwaway test clusters only; `orders up` keeps it on.
+    durable=False turns off fsync for throwaway test clusters only; `orders up` keeps it on. options are
+    extra server settings (name → value).
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +189,8 @@ def start_postgres(data_dir: Path, port: int | None = None, *, durable: bool = T
     settings = ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200"]
     if not durable:
         settings += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+    for name, value in (options or {}).items():
+        settings += ["-c", f"{name}={value}"]
     process = _spawn(
         "postgres",
         [str(bin_dir / "postgres"), "-D", str(data_dir), "-p", str(port), *settings],

@@ -37,6 +37,28 @@ order_summaries = sa.Table(
     sa.Index("order_summaries_search", "search", postgresql_using="gin"),
 )
 
+# Every state an order summary went through, keyed by the stream sequence of the event that produced
+# it: what a watch replays to a client that resumes from a sequence. Pruned after a retention.
+order_changes = sa.Table(
+    "order_changes",
+    metadata,
+    sa.Column("stream_seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("order_id", sa.Text, nullable=False),
+    sa.Column("customer_id", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("lines", JSONB, nullable=False),
+    sa.Column("item_count", sa.BigInteger, nullable=False),
+    sa.Column("total_minor", sa.BigInteger, nullable=False),
+    sa.Column("currency", sa.Text, nullable=False),
+    sa.Column("placed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("cancel_reason", sa.Text, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Index("order_changes_order", "order_id", "stream_seq"),
+    sa.Index("order_changes_customer", "customer_id", "stream_seq"),
+    sa.Index("order_changes_updated", "updated_at"),
+)
+
 product_views = sa.Table(
     "product_views",
     metadata,
@@ -61,6 +83,8 @@ projection_checkpoints = sa.Table(
     sa.Column("lag_events", sa.BigInteger),
     sa.Column("lag_seconds", sa.Float),
     sa.Column("lag_measured_at", sa.DateTime(timezone=True)),
+    # order_changes holds every change at or above this sequence (older ones were pruned)
+    sa.Column("changes_kept_from", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 # Events the projector could not apply (status 'dead') and later events of the same aggregate held

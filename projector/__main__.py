@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
+
+import psycopg
 
 from orders import db
 from orders.config import Settings
@@ -31,6 +34,7 @@ async def monitor(projector: Projector, settings: Settings, engine: db.AsyncEngi
                 await conn.execute("SELECT 1")
                 if ok and projector.nc is not None:
                     await lag.record(conn, PROJECTION_NAME, await lag.measure(projector.nc, settings))
+                await prune_changes(conn, settings.change_retention)
         except Exception as exc:
             if serving is not False:
                 log.warning("projector unhealthy: %s", exc)
@@ -39,6 +43,20 @@ async def monitor(projector: Projector, settings: Settings, engine: db.AsyncEngi
             await set_serving(health, [SERVICE.full_name], ok)  # type: ignore[arg-type]
             serving = ok
         await asyncio.sleep(MONITOR_INTERVAL)
+
+
+PRUNE_BATCH = 10_000
+
+
+async def prune_changes(conn: psycopg.AsyncConnection[Any], retention: float) -> None:
+    """Drop order changes older than retention, and record from which sequence the log is complete."""
+    await conn.execute(
+        "WITH gone AS (DELETE FROM order_changes WHERE stream_seq IN (SELECT stream_seq FROM order_changes"
+        " WHERE updated_at < now() - make_interval(secs => %s) ORDER BY stream_seq LIMIT %s) RETURNING stream_seq)"
+        " UPDATE projection_checkpoints SET changes_kept_from = GREATEST(changes_kept_from,"
+        " (SELECT max(stream_seq) + 1 FROM gone)) WHERE projection = %s AND EXISTS (SELECT 1 FROM gone)",
+        (retention, PRUNE_BATCH, PROJECTION_NAME),
+    )
 
 
 async def serve(settings: Settings) -> None:

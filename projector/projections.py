@@ -67,10 +67,11 @@ class Change:
 
 @dataclass(frozen=True)
 class Tables:
-    """Where the projection writes: the live tables, or fresh ones during a rebuild."""
+    """Where the projection writes: the live tables, or fresh ones during a rebuild (no change log)."""
 
     orders: str = "order_summaries"
     products: str = "product_views"
+    changes: str | None = "order_changes"
 
 
 LIVE = Tables()
@@ -259,8 +260,11 @@ async def _update(conn: AsyncConnection[Any], proj: _Projection, table: str, row
     return {row[0] for row in await cur.fetchall()}
 
 
-def _fold_aggregate(proj: _Projection, current: Row | None, items: list[Item]) -> Row | None:
-    """Fold items (one aggregate) onto current in version order; set each item's outcome."""
+def _fold_aggregate(proj: _Projection, current: Row | None, items: list[Item], trail: list[Row]) -> Row | None:
+    """Fold items (one aggregate) onto current in version order; set each item's outcome.
+
+    Every state the row passes through is appended to trail (the change log's rows).
+    """
     row = current
     version = 0 if current is None else current["version"]
     for item in sorted(items, key=lambda i: (i.event.aggregate_version, i.seq)):
@@ -268,6 +272,7 @@ def _fold_aggregate(proj: _Projection, current: Row | None, items: list[Item]) -
             item.outcome = Outcome.DUPLICATE
         elif item.event.aggregate_version == version + 1:
             row = proj.fold(row, item.seq, item.event)
+            trail.append(row)
             version = item.event.aggregate_version
             item.outcome = Outcome.APPLIED
         else:
@@ -275,10 +280,29 @@ def _fold_aggregate(proj: _Projection, current: Row | None, items: list[Item]) -
     return row
 
 
+async def _log_changes(conn: AsyncConnection[Any], table: str, rows: list[Row]) -> None:
+    """Append order states to the change log (a redelivered batch finds them there already)."""
+    if not rows:
+        return
+    columns = dict(_ORDERS.columns)
+    record = ", ".join(f"{name} {kind}" for name, kind in columns.items())
+    query = sql.SQL(
+        "INSERT INTO {table} ({cols}) SELECT {values} FROM jsonb_to_recordset(%s::jsonb) AS r({record}) "
+        "ON CONFLICT (stream_seq) DO NOTHING"
+    ).format(
+        table=sql.Identifier(table),
+        cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        values=sql.SQL(", ").join(sql.SQL("r.") + sql.Identifier(c) for c in columns),
+        record=sql.SQL(record),  # type: ignore[arg-type]
+    )
+    await conn.execute(query, (_json([{c: row[c] for c in columns} for row in rows]),))
+
+
 async def apply_events(conn: AsyncConnection[Any], items: list[Item], tables: Tables = LIVE) -> list[Change]:
     """Apply items (each passed check_applicable) in the caller's transaction; see the module doc.
 
-    Sets every item's outcome and returns one Change per aggregate whose row was written.
+    Sets every item's outcome. Returns one Change per order event applied (watchers want each one)
+    and one per product whose row was written (waiters only need the last).
     """
     grouped: dict[tuple[str, str], list[Item]] = defaultdict(list)
     for item in items:
@@ -292,9 +316,10 @@ async def apply_events(conn: AsyncConnection[Any], items: list[Item], tables: Ta
         current = await _load(conn, proj, table, keys)
         inserts: list[Row] = []
         updates: list[Row] = []
+        trails: dict[str, list[Row]] = {}
         for key in keys:
             before = current.get(key)
-            after = _fold_aggregate(proj, before, grouped[(proj.kind, key)])
+            after = _fold_aggregate(proj, before, grouped[(proj.kind, key)], trails.setdefault(key, []))
             if after is None or (before is not None and after["version"] == before["version"]):
                 continue
             if before is None:
@@ -302,6 +327,7 @@ async def apply_events(conn: AsyncConnection[Any], items: list[Item], tables: Ta
             else:
                 updates.append(after | {"base_version": before["version"]})
         written = await _insert(conn, proj, table, inserts) | await _update(conn, proj, table, updates)
+        logged: list[Row] = []
         for row in inserts + updates:
             key = row[proj.key]
             if key not in written:  # another projector instance created it first: retry these events
@@ -309,5 +335,9 @@ async def apply_events(conn: AsyncConnection[Any], items: list[Item], tables: Ta
                     if item.outcome is Outcome.APPLIED:
                         item.outcome = Outcome.CONFLICT
                 continue
-            changes.append(Change(proj.kind, key, row["version"], row["stream_seq"], row.get("customer_id", "")))
+            states = trails[key] if proj is _ORDERS else [row]
+            logged += states
+            changes += [Change(proj.kind, key, s["version"], s["stream_seq"], s.get("customer_id", "")) for s in states]
+        if proj is _ORDERS and tables.changes:
+            await _log_changes(conn, tables.changes, logged)
     return changes

@@ -27,6 +27,8 @@ from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders.config import Settings
+from orders.db import libpq_url
+from orders.errors import FailedPrecondition
 from orders.events import SUBJECT_WILDCARD, UndecodableEvent, parse_event
 from orders.read_model import CHANGES_CHANNEL, PROJECTED_TABLES, RESYNC_PAYLOAD
 from projector.consumer import transaction
@@ -34,7 +36,7 @@ from projector.projections import Item, NeverApplicable, Tables, apply_events, c
 
 log = logging.getLogger(__name__)
 
-FRESH = Tables(orders="order_summaries_rebuild", products="product_views_rebuild")
+FRESH = Tables(orders="order_summaries_rebuild", products="product_views_rebuild", changes=None)
 FETCH_BATCH = 1000
 
 
@@ -58,8 +60,25 @@ async def _replay(conn: psycopg.AsyncConnection[Any], msgs: list[Any]) -> int:
     return len(msgs)
 
 
+REBUILD_LOCK_KEY = 0x6F72646572730002  # pg_advisory_lock key: "orders" + 2 (one rebuild at a time)
+
+
+class RebuildRunning(FailedPrecondition):
+    def __init__(self) -> None:
+        super().__init__("a rebuild is already running", "REBUILD_RUNNING", "read model")
+
+
 async def rebuild(nc: NATS, engine: AsyncEngine, settings: Settings) -> AsyncIterator[Progress]:
-    """Run a rebuild, yielding progress; the last Progress has swapped=True."""
+    """Run a rebuild, yielding progress; the last Progress has swapped=True. One at a time."""
+    async with await psycopg.AsyncConnection.connect(libpq_url(settings.read_database_url), autocommit=True) as guard:
+        cur = await guard.execute("SELECT pg_try_advisory_lock(%s)", (REBUILD_LOCK_KEY,))
+        if not (await cur.fetchone() or (False,))[0]:
+            raise RebuildRunning()
+        async for step in _rebuild(nc, engine, settings):
+            yield step
+
+
+async def _rebuild(nc: NATS, engine: AsyncEngine, settings: Settings) -> AsyncIterator[Progress]:
     jsm = nc.jsm()
     js = nc.jetstream(timeout=10)
     target = (await jsm.stream_info(settings.stream)).state.last_seq or 0

@@ -55,7 +55,7 @@ async def watch_projection(engine: db.AsyncEngine, settings: Settings, health: o
         if ok != serving:
             if not ok:
                 log.warning("projection is lagging or not reporting (lag events, seconds, report age: %s)", row)
-            await set_serving(health, [PROJECTION_HEALTH], ok)  # type: ignore[arg-type]
+            await set_serving(health, [PROJECTION_HEALTH], ok, overall=False)  # type: ignore[arg-type]
             serving = ok
         await asyncio.sleep(PROJECTION_CHECK_INTERVAL)
 

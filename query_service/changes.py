@@ -1,8 +1,9 @@
 """One LISTEN connection on the read database, fanning the projector's signals out to waiters and watches.
 
-The projector NOTIFYs after each commit with the rows it changed. Notifications arrive in commit
-order. Nothing here polls: a read-your-writes wait sleeps until a notification names one of its
-aggregates (or its deadline passes); a watch gets the changed rows of the orders it selected.
+The projector NOTIFYs after each commit with the rows it changed (one entry per order change, with
+its stream sequence). Notifications arrive in commit order. Nothing here polls: a read-your-writes
+wait sleeps until a notification names one of its aggregates (or its deadline passes); a watch gets
+each change of the orders it selected, read once from the change log for all watchers.
 Notifications sent while the listener is reconnecting are lost, so after every (re)connect all
 waiters re-check and all watches re-sync from the table.
 """
@@ -113,25 +114,25 @@ class ChangeFeed:
             self._wake_everyone()
             return
         try:
-            changes = [(kind, key, customer) for kind, key, _version, _seq, customer in json.loads(payload)]
+            changes = [(kind, key, seq, customer) for kind, key, _version, seq, customer in json.loads(payload)]
         except (ValueError, TypeError):
             log.error("ignoring malformed change notification %.200r", payload)
             return
-        keys = {(kind, key) for kind, key, _ in changes}
+        keys = {(kind, key) for kind, key, _, _ in changes}
         for waiter in self._waiters:
             if waiter.keys & keys:
                 waiter.event.set()
-        interested: dict[str, set[Watch]] = {}
-        for kind, key, customer in changes:
+        interested: dict[int, set[Watch]] = {}  # stream sequence of an order change → its watchers
+        for kind, key, seq, customer in changes:
             if kind != "order":
                 continue
             watches = self._by_order.get(key, set()) | self._by_customer.get(customer, set())
             if watches:
-                interested.setdefault(key, set()).update(watches)
+                interested[seq] = watches
         if not interested:
             return
-        for summary in await self._read_model.orders_by_ids(sorted(interested)):
-            for watch in interested[summary.order_id]:
+        for summary in await self._read_model.changes_at(sorted(interested)):
+            for watch in interested[summary.stream_sequence]:
                 watch.offer(summary)
 
     async def wait_for(self, versions: Versions, timeout: float) -> bool:

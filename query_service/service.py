@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
 from orders import consistency
-from orders.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from orders.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from orders.grpc_server import rpc
 from orders.v1 import queries_pb2, queries_pb2_grpc
 from query_service import views
 from query_service.changes import OVERFLOW, ChangeFeed, Watch
 from query_service.views import ReadModel
 
+log = logging.getLogger(__name__)
 MAX_WATCHED_ORDERS = 100
 
 
@@ -65,8 +75,14 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
     ) -> AsyncIterator[queries_pb2.ListOrderSummariesResponse]:
         await self._catch_up(request.consistency_token, context)
         newest_first = request.sort_order != queries_pb2.SORT_ORDER_OLDEST_FIRST
-        async for summary in self._read_model.stream_orders(request.filter, newest_first):
-            yield queries_pb2.ListOrderSummariesResponse(summary=summary)
+        sent = 0
+        try:
+            async for summary in self._read_model.stream_orders(request.filter, newest_first):
+                yield queries_pb2.ListOrderSummariesResponse(summary=summary)
+                sent += 1
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away: stop reading pages at once
+            log.debug("ListOrderSummaries cancelled by the client after %d summaries", sent)
+            raise
 
     @rpc
     async def SearchOrders(
@@ -91,38 +107,60 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
     async def WatchOrderSummaries(
         self, request: queries_pb2.WatchOrderSummariesRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[queries_pb2.WatchOrderSummariesResponse]:
-        """Snapshot (optional), then each change of the selected orders, never older than what was sent.
+        """Missed changes (after_sequence) and/or a snapshot, then each change of the selected orders.
 
-        The watch subscribes to the feed BEFORE reading the snapshot, so a change committed in between
-        is queued, and the per-order version filter drops whatever the snapshot already covered.
+        The watch subscribes to the feed BEFORE reading the change log or the snapshot, so a change
+        committed in between is queued, and the per-order version filter drops whatever was already
+        sent: each change goes out once, in version order, with the stream sequence it reflects.
         """
         order_ids = self._watch_selection(request)
         await self._catch_up(request.consistency_token, context)
         watch = Watch(frozenset(order_ids), request.customer_id, self._watch_queue_size)
         self._feed.subscribe(watch)
         try:
+            applied, kept_from = await self._read_model.positions()
+            floor = request.after_sequence or applied  # re-read from here if notifications were missed
             sent: dict[str, int] = {}
 
-            async def selection() -> list[queries_pb2.OrderSummary]:
-                if order_ids:
-                    return await self._read_model.orders_by_ids(order_ids)
-                return await self._read_model.orders_of_customer(request.customer_id)
-
-            for summary in await selection():
+            def fresh(summary: queries_pb2.OrderSummary) -> bool:
+                if summary.version <= sent.get(summary.order_id, 0):
+                    return False
                 sent[summary.order_id] = summary.version
-                if request.include_snapshot or summary.stream_sequence > request.after_sequence > 0:
-                    yield queries_pb2.WatchOrderSummariesResponse(summary=summary, snapshot=request.include_snapshot)
+                return True
+
+            if request.after_sequence:
+                if request.after_sequence + 1 < kept_from:
+                    raise FailedPrecondition(
+                        f"changes before stream sequence {kept_from} are no longer kept; reconnect with "
+                        "include_snapshot instead of after_sequence",
+                        "RESUME_POINT_PRUNED",
+                        "after_sequence",
+                    )
+                for change in await self._read_model.changes_since(order_ids, request.customer_id, floor):
+                    if fresh(change):
+                        yield queries_pb2.WatchOrderSummariesResponse(summary=change, snapshot=False)
+            if request.include_snapshot:
+                current = (
+                    await self._read_model.orders_by_ids(order_ids)
+                    if order_ids
+                    else await self._read_model.orders_of_customer(request.customer_id)
+                )
+                for summary in current:
+                    if fresh(summary):
+                        yield queries_pb2.WatchOrderSummariesResponse(summary=summary, snapshot=True)
             while True:
                 item = await watch.queue.get()
                 if item == OVERFLOW:
-                    raise Unavailable(
+                    raise ResourceExhausted(
                         "watch stream cut off: the client did not read changes fast enough; reconnect "
                         "with after_sequence set to the last stream_sequence received"
                     )
-                updates = await selection() if isinstance(item, str) else [item]  # str: RESYNC
+                if isinstance(item, str):  # RESYNC: notifications may have been missed
+                    updates = await self._read_model.changes_since(order_ids, request.customer_id, floor)
+                else:
+                    updates = [item]
                 for change in updates:
-                    if change.version > sent.get(change.order_id, 0):
-                        sent[change.order_id] = change.version
+                    if fresh(change):
                         yield queries_pb2.WatchOrderSummariesResponse(summary=change, snapshot=False)
         finally:
             self._feed.unsubscribe(watch)

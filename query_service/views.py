@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from google.protobuf import timestamp_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders.errors import FieldViolation, InvalidArgument
-from orders.read_model import order_summaries, product_views
+from orders.read_model import order_changes, order_summaries, product_views, projection_checkpoints
 from orders.v1 import common_pb2, queries_pb2
 
 DEFAULT_PAGE_SIZE = 50
@@ -118,6 +119,23 @@ def _filter_conditions(filt: queries_pb2.OrderFilter) -> list[Any]:
     return conditions
 
 
+def search_statement(query: str, filt: queries_pb2.OrderFilter) -> tuple[sa.Select[Any], Any]:
+    """SearchOrders' statement (without paging) and its integer rank expression (None without words)."""
+    stmt = sa.select(*SUMMARY_COLUMNS).where(*_filter_conditions(filt))
+    if query.strip():
+        tsquery = sa.func.websearch_to_tsquery("simple", query)
+        rank: Any = sa.cast(
+            sa.func.round(sa.func.ts_rank(order_summaries.c.search, tsquery) * 1_000_000), sa.BigInteger
+        )
+        stmt = stmt.where(order_summaries.c.search.op("@@")(tsquery))
+    else:
+        rank = sa.literal(0, sa.BigInteger)
+    stmt = stmt.add_columns(rank.label("rank")).order_by(
+        rank.desc(), order_summaries.c.placed_at.desc(), order_summaries.c.order_id.desc()
+    )
+    return stmt, rank
+
+
 class ReadModel:
     """Every query the QueryService runs, against the read database only."""
 
@@ -176,23 +194,40 @@ class ReadModel:
     async def search(
         self, query: str, filt: queries_pb2.OrderFilter, size: int, token: str
     ) -> tuple[list[queries_pb2.OrderSummary], str]:
-        """Ranked full-text search (simple dictionary) combined with the filters; offset pages."""
+        """Ranked full-text search combined with the filters, in keyset pages.
+
+        Results are ordered by (rank, placed_at, order_id), all descending; the page token holds the
+        last row's key and a fingerprint of the query, so pages stay stable while orders arrive (a new
+        order sorts before or after the cursor, never into a page already served).
+        """
         if len(query) > MAX_QUERY_LENGTH:
             raise InvalidArgument([FieldViolation("query", f"must be at most {MAX_QUERY_LENGTH} characters")])
-        offset = int(decode_page_token(token, {"offset"})["offset"]) if token else 0
-        if offset < 0:
-            raise InvalidArgument([FieldViolation("page_token", "is not a page token returned by this call")])
-        conditions = _filter_conditions(filt)
-        stmt = sa.select(*SUMMARY_COLUMNS).where(*conditions)
-        if query.strip():
-            tsquery = sa.func.websearch_to_tsquery("simple", query)
-            stmt = stmt.where(order_summaries.c.search.op("@@")(tsquery)).order_by(
-                sa.func.ts_rank(order_summaries.c.search, tsquery).desc()
+        stmt, rank = search_statement(query, filt)
+        fingerprint = hashlib.sha256(query.encode() + filt.SerializeToString(deterministic=True)).hexdigest()[:16]
+        if token:
+            after = decode_page_token(token, {"q", "r", "t", "i"})
+            try:
+                if after["q"] != fingerprint:
+                    raise ValueError("page token of a different query")
+                key = (int(after["r"]), datetime.fromisoformat(after["t"]), str(after["i"]))
+            except (TypeError, ValueError):
+                raise InvalidArgument(
+                    [FieldViolation("page_token", "is not a page token returned by this call for this query")]
+                ) from None
+            columns = [order_summaries.c.placed_at, order_summaries.c.order_id]
+            stmt = stmt.where(
+                sa.tuple_(rank, *columns) < sa.tuple_(*key)
+                if rank is not None
+                else sa.tuple_(*columns) < sa.tuple_(*key[1:])
             )
-        stmt = stmt.order_by(order_summaries.c.placed_at.desc(), order_summaries.c.order_id.desc())
         async with self._engine.connect() as conn:
-            rows = (await conn.execute(stmt.offset(offset).limit(size + 1))).all()
-        next_token = encode_page_token({"offset": offset + size}) if len(rows) > size else ""
+            rows = (await conn.execute(stmt.limit(size + 1))).all()
+        next_token = ""
+        if len(rows) > size:
+            last = rows[size - 1]
+            next_token = encode_page_token(
+                {"q": fingerprint, "r": last.rank, "t": last.placed_at.isoformat(), "i": last.order_id}
+            )
         return [summary_message(row) for row in rows[:size]], next_token
 
     async def products(
@@ -216,6 +251,45 @@ class ReadModel:
             rows = (await conn.execute(stmt)).all()
         next_token = encode_page_token({"after": rows[size - 1].sku}) if len(rows) > size else ""
         return [product_message(row) for row in rows[:size]], next_token
+
+    async def changes_at(self, seqs: Sequence[int]) -> list[queries_pb2.OrderSummary]:
+        """The order states recorded at these stream sequences, in sequence order."""
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(order_changes)
+                    .where(order_changes.c.stream_seq.in_(list(seqs)))
+                    .order_by(order_changes.c.stream_seq)
+                )
+            ).all()
+        return [summary_message(row) for row in rows]
+
+    async def changes_since(
+        self, order_ids: Sequence[str], customer_id: str, after_seq: int
+    ) -> list[queries_pb2.OrderSummary]:
+        """Every recorded state of the selected orders after after_seq, in sequence order."""
+        selected = (
+            order_changes.c.order_id.in_(list(order_ids)) if order_ids else order_changes.c.customer_id == customer_id
+        )
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(order_changes)
+                    .where(selected, order_changes.c.stream_seq > after_seq)
+                    .order_by(order_changes.c.stream_seq)
+                )
+            ).all()
+        return [summary_message(row) for row in rows]
+
+    async def positions(self) -> tuple[int, int]:
+        """(highest stream sequence applied, first sequence from which the change log is complete)."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(projection_checkpoints.c.last_stream_seq, projection_checkpoints.c.changes_kept_from)
+                )
+            ).first()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
 
     async def versions(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """Current read-model versions of the named aggregates (absent ones are left out)."""

@@ -80,6 +80,14 @@ def test_rebuild_of_20000_events_without_query_downtime(
         try:
             assert rebuild.stdout is not None
             first = json.loads(rebuild.stdout.readline())  # the rebuild is under way
+            second = subprocess.run(
+                [sys.executable, "-m", "orders.cli", "rebuild"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, **settings.to_env()},
+                timeout=30,
+            )
+            assert second.returncode == 1 and "FAILED_PRECONDITION" in second.stderr  # one rebuild at a time
             asyncio.run(publish_events(settings, later.events))  # new events while it runs
             progress = [first] + [json.loads(line) for line in rebuild.stdout]
             assert rebuild.wait(120) == 0, rebuild.stderr.read() if rebuild.stderr else ""
