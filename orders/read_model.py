@@ -7,26 +7,36 @@ so a row never skips or repeats a version.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB, TSVECTOR
 
 metadata = sa.MetaData()
 
+
+def _summary_columns() -> list[sa.Column[Any]]:
+    """The state of one order as queries show it (shared by the summaries and their change log)."""
+    return [
+        sa.Column("customer_id", sa.Text, nullable=False),
+        sa.Column("status", sa.Text, nullable=False),  # PLACED | CANCELLED
+        # [{"sku", "name", "quantity", "unit_price_minor"}] in request order
+        sa.Column("lines", JSONB, nullable=False),
+        sa.Column("item_count", sa.BigInteger, nullable=False),
+        sa.Column("total_minor", sa.BigInteger, nullable=False),
+        sa.Column("currency", sa.Text, nullable=False),
+        sa.Column("placed_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("cancel_reason", sa.Text, nullable=False, server_default=""),
+        sa.Column("version", sa.BigInteger, nullable=False),
+    ]
+
+
 order_summaries = sa.Table(
     "order_summaries",
     metadata,
     sa.Column("order_id", sa.Text, primary_key=True),
-    sa.Column("customer_id", sa.Text, nullable=False),
-    sa.Column("status", sa.Text, nullable=False),  # PLACED | CANCELLED
-    # [{"sku", "name", "quantity", "unit_price_minor"}] in request order
-    sa.Column("lines", JSONB, nullable=False),
-    sa.Column("item_count", sa.BigInteger, nullable=False),
-    sa.Column("total_minor", sa.BigInteger, nullable=False),
-    sa.Column("currency", sa.Text, nullable=False),
-    sa.Column("placed_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("cancel_reason", sa.Text, nullable=False, server_default=""),
-    sa.Column("version", sa.BigInteger, nullable=False),
+    *_summary_columns(),
     sa.Column("stream_seq", sa.BigInteger, nullable=False),
     # customer id, SKUs and product names, for SearchOrders
     sa.Column("search", TSVECTOR, nullable=False),
@@ -44,16 +54,7 @@ order_changes = sa.Table(
     metadata,
     sa.Column("stream_seq", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("order_id", sa.Text, nullable=False),
-    sa.Column("customer_id", sa.Text, nullable=False),
-    sa.Column("status", sa.Text, nullable=False),
-    sa.Column("lines", JSONB, nullable=False),
-    sa.Column("item_count", sa.BigInteger, nullable=False),
-    sa.Column("total_minor", sa.BigInteger, nullable=False),
-    sa.Column("currency", sa.Text, nullable=False),
-    sa.Column("placed_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("cancel_reason", sa.Text, nullable=False),
-    sa.Column("version", sa.BigInteger, nullable=False),
+    *_summary_columns(),
     sa.Index("order_changes_order", "order_id", "stream_seq"),
     sa.Index("order_changes_customer", "customer_id", "stream_seq"),
     sa.Index("order_changes_updated", "updated_at"),

@@ -16,7 +16,7 @@ from orders import db, jetstream, local_stack
 from orders.config import Settings
 from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, timestamp
 from orders.read_model import metadata as read_metadata
-from orders.v1 import commands_pb2_grpc, common_pb2, events_pb2, queries_pb2_grpc
+from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2, events_pb2, queries_pb2_grpc
 
 T = TypeVar("T")
 
@@ -228,3 +228,64 @@ def projects(settings: Settings, history: History, *, exactly: bool = True) -> b
     return all(products.get(k) == v for k, v in history.products.items()) and all(
         orders.get(k) == v for k, v in history.orders.items()
     )
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def new_sku(prefix: str = "T") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def add_product(
+    commands: commands_pb2_grpc.CommandServiceStub,
+    sku: str,
+    *,
+    stock: int,
+    price: int = 100,
+    currency: str = "EUR",
+    name: str | None = None,
+) -> None:
+    """Create a catalog product through the CommandService and set its stock."""
+    commands.UpsertProduct(
+        commands_pb2.UpsertProductRequest(
+            request_id=new_id(),
+            sku=sku,
+            name=name or f"Product {sku}",
+            unit_price=common_pb2.Money(currency_code=currency, minor_units=price),
+        ),
+        timeout=10,
+    )
+    if stock:
+        commands.UpdateInventory(
+            commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, set_level=stock), timeout=10
+        )
+
+
+def place(
+    commands: commands_pb2_grpc.CommandServiceStub,
+    customer: str,
+    *lines: tuple[str, int],
+    request_id: str | None = None,
+) -> commands_pb2.PlaceOrderResponse:
+    return commands.PlaceOrder(  # type: ignore[no-any-return]
+        commands_pb2.PlaceOrderRequest(
+            request_id=request_id or new_id(),
+            customer_id=customer,
+            lines=[commands_pb2.PlaceOrderLine(sku=s, quantity=q) for s, q in lines],
+        ),
+        timeout=10,
+    )
+
+
+def product_event(sku: str, version: int, stock: int) -> OutgoingEvent:
+    """A product aggregate's event as the command side would write it: upserted at 1, adjusted after."""
+    meta = EventContext(occurred_at=datetime.now(UTC), correlation_id="test", causation_id="test")
+    if version == 1:
+        upserted = events_pb2.ProductUpserted(
+            name=f"Product {sku}", unit_price=common_pb2.Money(currency_code="EUR", minor_units=100), stock=stock
+        )
+        return build_event(meta, PRODUCT, sku, version, product_upserted=upserted)
+    adjusted = events_pb2.InventoryAdjusted(delta=1, stock=stock)
+    return build_event(meta, PRODUCT, sku, version, inventory_adjusted=adjusted)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import uuid
 
 import grpc
 import psycopg
@@ -14,32 +13,9 @@ from grpc_status import rpc_status
 
 from orders.db import libpq_url
 from orders.v1 import commands_pb2, common_pb2, queries_pb2
-from tests.support import Stack, eventually
+from tests.support import Stack, add_product, eventually, new_id, new_sku, place
 
 pytestmark = pytest.mark.e2e
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
-def new_sku() -> str:
-    return f"T-{uuid.uuid4().hex[:10]}"
-
-
-def add_product(stack: Stack, sku: str, price: int, stock: int, name: str = "Test product") -> None:
-    stack.commands.UpsertProduct(
-        commands_pb2.UpsertProductRequest(
-            request_id=new_id(),
-            sku=sku,
-            name=name,
-            unit_price=common_pb2.Money(currency_code="EUR", minor_units=price),
-        ),
-        timeout=5,
-    )
-    stack.commands.UpdateInventory(
-        commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, set_level=stock), timeout=5
-    )
 
 
 def product_view(stack: Stack, sku: str) -> queries_pb2.ProductView | None:
@@ -56,19 +32,6 @@ def summary(stack: Stack, order_id: str) -> queries_pb2.OrderSummary | None:
         raise
 
 
-def place(
-    stack: Stack, customer: str, *lines: tuple[str, int], request_id: str | None = None
-) -> commands_pb2.PlaceOrderResponse:
-    return stack.commands.PlaceOrder(
-        commands_pb2.PlaceOrderRequest(
-            request_id=request_id or new_id(),
-            customer_id=customer,
-            lines=[commands_pb2.PlaceOrderLine(sku=s, quantity=q) for s, q in lines],
-        ),
-        timeout=5,
-    )
-
-
 def write_db_count(stack: Stack, sql: str, *params: object) -> int:
     with psycopg.connect(libpq_url(stack.settings.write_database_url)) as conn:
         row = conn.execute(sql, params).fetchone()
@@ -78,11 +41,11 @@ def write_db_count(stack: Stack, sql: str, *params: object) -> int:
 
 def test_place_then_cancel_is_visible_through_queries(stack: Stack) -> None:
     widget, gadget = new_sku(), new_sku()
-    add_product(stack, widget, price=1999, stock=10, name="Blue widget")
-    add_product(stack, gadget, price=500, stock=5, name="Red gadget")
+    add_product(stack.commands, widget, price=1999, stock=10, name="Blue widget")
+    add_product(stack.commands, gadget, price=500, stock=5, name="Red gadget")
     customer = f"cust-{new_id()}"
 
-    placed = place(stack, customer, (widget, 2), (gadget, 1))
+    placed = place(stack.commands, customer, (widget, 2), (gadget, 1))
     assert placed.version == 1
     assert placed.total == common_pb2.Money(currency_code="EUR", minor_units=2 * 1999 + 500)
     assert placed.consistency_token
@@ -121,12 +84,12 @@ def test_place_then_cancel_is_visible_through_queries(stack: Stack) -> None:
 
 def test_order_beyond_stock_is_refused_and_changes_nothing(stack: Stack) -> None:
     sku = new_sku()
-    add_product(stack, sku, price=100, stock=3)
+    add_product(stack.commands, sku, price=100, stock=3)
     before = eventually(lambda: (p := product_view(stack, sku)) and p.stock == 3 and p, timeout=2, what="stock 3")
     customer = f"cust-{new_id()}"
 
     with pytest.raises(grpc.RpcError) as refused:
-        place(stack, customer, (sku, 4))
+        place(stack.commands, customer, (sku, 4))
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     status = rpc_status.from_call(refused.value)
     assert status is not None
@@ -153,18 +116,18 @@ def test_order_beyond_stock_is_refused_and_changes_nothing(stack: Stack) -> None
 
 def test_repeated_request_id_returns_the_same_order_and_places_nothing_new(stack: Stack) -> None:
     sku = new_sku()
-    add_product(stack, sku, price=250, stock=10)
+    add_product(stack.commands, sku, price=250, stock=10)
     customer = f"cust-{new_id()}"
     request_id = new_id()
 
-    first = place(stack, customer, (sku, 3), request_id=request_id)
-    second = place(stack, customer, (sku, 3), request_id=request_id)
+    first = place(stack.commands, customer, (sku, 3), request_id=request_id)
+    second = place(stack.commands, customer, (sku, 3), request_id=request_id)
 
     assert second == first  # same order id, version and consistency token
     assert write_db_count(stack, "SELECT count(*) FROM orders WHERE customer_id = %s", customer) == 1
     assert write_db_count(stack, "SELECT stock FROM products WHERE sku = %s", sku) == 7
     with pytest.raises(grpc.RpcError) as reused:
-        place(stack, customer, (sku, 4), request_id=request_id)
+        place(stack.commands, customer, (sku, 4), request_id=request_id)
     assert reused.value.code() == grpc.StatusCode.ALREADY_EXISTS
     eventually(lambda: summary(stack, first.order_id), timeout=2, what="order projected")
     orders = list(
@@ -177,9 +140,9 @@ def test_repeated_request_id_returns_the_same_order_and_places_nothing_new(stack
 
 def test_consistency_token_gives_read_your_writes(stack: Stack) -> None:
     sku = new_sku()
-    add_product(stack, sku, price=10, stock=100)
+    add_product(stack.commands, sku, price=10, stock=100)
     for _ in range(20):
-        placed = place(stack, "ryw-customer", (sku, 1))
+        placed = place(stack.commands, "ryw-customer", (sku, 1))
         reply = stack.queries.GetOrderSummary(
             queries_pb2.GetOrderSummaryRequest(order_id=placed.order_id, consistency_token=placed.consistency_token),
             timeout=5,
@@ -189,9 +152,9 @@ def test_consistency_token_gives_read_your_writes(stack: Stack) -> None:
 
 def test_watch_receives_placed_and_cancelled_updates(stack: Stack) -> None:
     sku = new_sku()
-    add_product(stack, sku, price=700, stock=5)
+    add_product(stack.commands, sku, price=700, stock=5)
     customer = f"cust-{new_id()}"
-    earlier = place(stack, customer, (sku, 1))
+    earlier = place(stack.commands, customer, (sku, 1))
     eventually(lambda: summary(stack, earlier.order_id), timeout=2, what="earlier order projected")
     received: queue.Queue[queries_pb2.WatchOrderSummariesResponse | BaseException] = queue.Queue()
     call = stack.queries.WatchOrderSummaries(
@@ -214,7 +177,7 @@ def test_watch_receives_placed_and_cancelled_updates(stack: Stack) -> None:
         assert not isinstance(first, BaseException), first
         assert (first.summary.order_id, first.snapshot) == (earlier.order_id, True)
 
-        placed = place(stack, customer, (sku, 2))
+        placed = place(stack.commands, customer, (sku, 2))
         stack.commands.CancelOrder(
             commands_pb2.CancelOrderRequest(request_id=new_id(), order_id=placed.order_id, reason="test"), timeout=5
         )
@@ -252,15 +215,15 @@ def test_invalid_command_gets_field_violations_and_writes_nothing(stack: Stack) 
 
 def test_unknown_product_is_not_found(stack: Stack) -> None:
     with pytest.raises(grpc.RpcError) as missing:
-        place(stack, "someone", (new_sku(), 1))
+        place(stack.commands, "someone", (new_sku(), 1))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_search_and_list_products(stack: Stack) -> None:
     sku = new_sku()
-    add_product(stack, sku, price=1234, stock=2, name=f"Gizmo {sku}")
+    add_product(stack.commands, sku, price=1234, stock=2, name=f"Gizmo {sku}")
     customer = f"searcher-{new_id()}"
-    placed = place(stack, customer, (sku, 1))
+    placed = place(stack.commands, customer, (sku, 1))
     found = eventually(
         lambda: stack.queries.SearchOrders(queries_pb2.SearchOrdersRequest(query=sku), timeout=5).summaries,
         timeout=2,

@@ -8,43 +8,17 @@ import uuid
 import grpc
 import pytest
 
-from orders.v1 import commands_pb2, common_pb2, queries_pb2
-from tests.support import Stack
+from orders.v1 import queries_pb2
+from tests.support import Stack, add_product, new_sku, place
 
 pytestmark = pytest.mark.e2e
 
 
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
-def product(stack: Stack, name: str, stock: int = 100_000) -> str:
-    sku = f"Y-{uuid.uuid4().hex[:8]}"
-    stack.commands.UpsertProduct(
-        commands_pb2.UpsertProductRequest(
-            request_id=new_id(), sku=sku, name=name, unit_price=common_pb2.Money(currency_code="EUR", minor_units=5)
-        ),
-        timeout=5,
-    )
-    stack.commands.UpdateInventory(
-        commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, set_level=stock), timeout=5
-    )
-    return sku
-
-
-def place(stack: Stack, customer: str, sku: str) -> commands_pb2.PlaceOrderResponse:
-    return stack.commands.PlaceOrder(
-        commands_pb2.PlaceOrderRequest(
-            request_id=new_id(), customer_id=customer, lines=[commands_pb2.PlaceOrderLine(sku=sku, quantity=1)]
-        ),
-        timeout=5,
-    )
-
-
 def test_two_hundred_reads_right_after_writes_never_miss(stack: Stack) -> None:
-    sku = product(stack, "Token lamp")
+    sku = new_sku("Y")
+    add_product(stack.commands, sku, stock=100_000, name="Token lamp")
     for _ in range(200):
-        placed = place(stack, "ryw-200", sku)
+        placed = place(stack.commands, "ryw-200", (sku, 1))
         reply = stack.queries.GetOrderSummary(
             queries_pb2.GetOrderSummaryRequest(order_id=placed.order_id, consistency_token=placed.consistency_token),
             timeout=5,
@@ -53,10 +27,11 @@ def test_two_hundred_reads_right_after_writes_never_miss(stack: Stack) -> None:
 
 
 def test_token_wait_fails_cleanly_within_the_deadline_when_the_projector_is_stopped(stack: Stack) -> None:
-    sku = product(stack, "Stopped projector")
+    sku = new_sku("Y")
+    add_product(stack.commands, sku, stock=100_000, name="Stopped projector")
     stack.processes["projector"].stop()
     try:
-        placed = place(stack, "ryw-stopped", sku)
+        placed = place(stack.commands, "ryw-stopped", (sku, 1))
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as behind:
             stack.queries.GetOrderSummary(
@@ -85,8 +60,9 @@ def test_token_wait_fails_cleanly_within_the_deadline_when_the_projector_is_stop
 
 def test_search_pages_stay_stable_while_orders_arrive(stack: Stack) -> None:
     word = f"zq{uuid.uuid4().hex[:6]}"
-    sku = product(stack, f"Widget {word}")
-    first_batch = [place(stack, f"searcher-{i}", sku) for i in range(25)]
+    sku = new_sku("Y")
+    add_product(stack.commands, sku, stock=100_000, name=f"Widget {word}")
+    first_batch = [place(stack.commands, f"searcher-{i}", (sku, 1)) for i in range(25)]
     last = first_batch[-1]
     stack.queries.GetOrderSummary(
         queries_pb2.GetOrderSummaryRequest(order_id=last.order_id, consistency_token=last.consistency_token), timeout=10
@@ -102,7 +78,7 @@ def test_search_pages_stay_stable_while_orders_arrive(stack: Stack) -> None:
         seen += [s.order_id for s in page.summaries]
         pages += 1
         if pages == 1:  # new matching orders arrive between pages
-            newer = [place(stack, "late-searcher", sku) for _ in range(5)]
+            newer = [place(stack.commands, "late-searcher", (sku, 1)) for _ in range(5)]
             stack.queries.GetOrderSummary(
                 queries_pb2.GetOrderSummaryRequest(
                     order_id=newer[-1].order_id, consistency_token=newer[-1].consistency_token

@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import queue
 import threading
-import uuid
 
 import grpc
 import pytest
 
-from orders.v1 import commands_pb2, common_pb2, queries_pb2
-from tests.support import Stack
+from orders.v1 import commands_pb2, queries_pb2
+from tests.support import Stack, add_product, new_id, new_sku, place
 
 pytestmark = pytest.mark.e2e
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
 
 
 class Watcher:
@@ -45,30 +40,10 @@ class Watcher:
         self.thread.join(5)
 
 
-def setup_product(stack: Stack) -> str:
-    sku = f"W-{uuid.uuid4().hex[:8]}"
-    stack.commands.UpsertProduct(
-        commands_pb2.UpsertProductRequest(
-            request_id=new_id(),
-            sku=sku,
-            name="Watched",
-            unit_price=common_pb2.Money(currency_code="EUR", minor_units=3),
-        ),
-        timeout=5,
-    )
-    stack.commands.UpdateInventory(
-        commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, set_level=1000), timeout=5
-    )
+def watched_product(stack: Stack) -> str:
+    sku = new_sku("W")
+    add_product(stack.commands, sku, stock=1000, name="Watched")
     return sku
-
-
-def place(stack: Stack, customer: str, sku: str) -> commands_pb2.PlaceOrderResponse:
-    return stack.commands.PlaceOrder(
-        commands_pb2.PlaceOrderRequest(
-            request_id=new_id(), customer_id=customer, lines=[commands_pb2.PlaceOrderLine(sku=sku, quantity=1)]
-        ),
-        timeout=5,
-    )
 
 
 def cancel(stack: Stack, order_id: str) -> commands_pb2.CancelOrderResponse:
@@ -78,8 +53,8 @@ def cancel(stack: Stack, order_id: str) -> commands_pb2.CancelOrderResponse:
 
 
 def test_each_change_arrives_once_and_in_version_order(stack: Stack) -> None:
-    sku, customer = setup_product(stack), f"wc-{new_id()}"
-    first = place(stack, customer, sku)
+    sku, customer = watched_product(stack), f"wc-{new_id()}"
+    first = place(stack.commands, customer, (sku, 1))
     watcher = Watcher(
         stack,
         queries_pb2.WatchOrderSummariesRequest(
@@ -89,7 +64,7 @@ def test_each_change_arrives_once_and_in_version_order(stack: Stack) -> None:
     try:
         snapshot = watcher.next()
         assert (snapshot.summary.order_id, snapshot.snapshot) == (first.order_id, True)
-        orders = [place(stack, customer, sku) for _ in range(5)]
+        orders = [place(stack.commands, customer, (sku, 1)) for _ in range(5)]
         for order in orders:  # placed and cancelled back to back: often projected in one batch
             cancel(stack, order.order_id)
         got = [watcher.next() for _ in range(10)]
@@ -105,8 +80,8 @@ def test_each_change_arrives_once_and_in_version_order(stack: Stack) -> None:
 
 
 def test_resume_from_a_sequence_delivers_exactly_what_was_missed(stack: Stack) -> None:
-    sku, customer = setup_product(stack), f"wr-{new_id()}"
-    a = place(stack, customer, sku)
+    sku, customer = watched_product(stack), f"wr-{new_id()}"
+    a = place(stack.commands, customer, (sku, 1))
     watcher = Watcher(
         stack,
         queries_pb2.WatchOrderSummariesRequest(
@@ -117,13 +92,13 @@ def test_resume_from_a_sequence_delivers_exactly_what_was_missed(stack: Stack) -
     watcher.close()
 
     cancel(stack, a.order_id)  # missed while disconnected
-    b = place(stack, customer, sku)
+    b = place(stack.commands, customer, (sku, 1))
     resumed = Watcher(stack, queries_pb2.WatchOrderSummariesRequest(customer_id=customer, after_sequence=last_seen))
     try:
         missed = [resumed.next(), resumed.next()]
         assert [(m.summary.order_id, m.summary.version) for m in missed] == [(a.order_id, 2), (b.order_id, 1)]
         assert [m.summary.stream_sequence for m in missed] == sorted(m.summary.stream_sequence for m in missed)
-        c = place(stack, customer, sku)  # and then live changes, with nothing repeated
+        c = place(stack.commands, customer, (sku, 1))  # and then live changes, with nothing repeated
         live = resumed.next()
         assert (live.summary.order_id, live.summary.version) == (c.order_id, 1)
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,33 +15,9 @@ from grpc_status import rpc_status
 from orders import local_stack
 from orders.db import libpq_url
 from orders.v1 import commands_pb2, common_pb2
-from tests.support import Infra, Stack, isolated_settings, serving_or_raise
+from tests.support import Infra, Stack, add_product, isolated_settings, new_id, new_sku, serving_or_raise
 
 pytestmark = pytest.mark.e2e
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
-
-
-def new_sku() -> str:
-    return f"C-{uuid.uuid4().hex[:10]}"
-
-
-def add_product(stack: Stack, sku: str, stock: int, price: int = 100, currency: str = "EUR") -> None:
-    stack.commands.UpsertProduct(
-        commands_pb2.UpsertProductRequest(
-            request_id=new_id(),
-            sku=sku,
-            name=f"Product {sku}",
-            unit_price=common_pb2.Money(currency_code=currency, minor_units=price),
-        ),
-        timeout=5,
-    )
-    if stock:
-        stack.commands.UpdateInventory(
-            commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, set_level=stock), timeout=5
-        )
 
 
 def order_request(customer: str, *lines: tuple[str, int]) -> commands_pb2.PlaceOrderRequest:
@@ -163,13 +138,13 @@ def test_not_found_precondition_and_reuse_errors(stack: Stack) -> None:
     )
     assert (
         error_of(
-            c.UpdateInventory, commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=new_sku(), delta=1)
+            c.UpdateInventory, commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=new_sku("C"), delta=1)
         ).code()
         == grpc.StatusCode.NOT_FOUND
     )
 
-    sku = new_sku()
-    add_product(stack, sku, stock=2)
+    sku = new_sku("C")
+    add_product(stack.commands, sku, stock=2)
     short = error_of(c.UpdateInventory, commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, delta=-3))
     assert short.code() == grpc.StatusCode.FAILED_PRECONDITION
     status = rpc_status.from_call(short)
@@ -177,8 +152,8 @@ def test_not_found_precondition_and_reuse_errors(stack: Stack) -> None:
     assert status is not None and status.details[0].Unpack(failure)
     assert (failure.violations[0].type, failure.violations[0].subject) == ("INSUFFICIENT_STOCK", sku)
 
-    dollars = new_sku()
-    add_product(stack, dollars, stock=5, currency="USD")
+    dollars = new_sku("C")
+    add_product(stack.commands, dollars, stock=5, currency="USD")
     mixed = error_of(c.PlaceOrder, order_request("c", (sku, 1), (dollars, 1)))
     assert mixed.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert stock_of(stack, sku)[0] == 2 and stock_of(stack, dollars)[0] == 5  # nothing reserved
@@ -228,8 +203,8 @@ def test_database_down_is_unavailable(infra: Infra, tmp_path) -> None:  # type: 
 
 
 def test_racing_duplicates_produce_one_effect_and_identical_responses(stack: Stack) -> None:
-    sku = new_sku()
-    add_product(stack, sku, stock=1000)
+    sku = new_sku("C")
+    add_product(stack.commands, sku, stock=1000)
     customer = f"race-{new_id()}"
     requests = [order_request(customer, (sku, 1)) for _ in range(40)]
 
@@ -249,8 +224,8 @@ def test_racing_duplicates_produce_one_effect_and_identical_responses(stack: Sta
 
 
 def test_simultaneous_first_attempts_of_one_request_apply_once(stack: Stack) -> None:
-    sku = new_sku()
-    add_product(stack, sku, stock=100)
+    sku = new_sku("C")
+    add_product(stack.commands, sku, stock=100)
     customer = f"twin-{new_id()}"
     request = order_request(customer, (sku, 2))
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -264,7 +239,7 @@ def test_simultaneous_first_attempts_of_one_request_apply_once(stack: Stack) -> 
 
 def test_expected_version_guards_every_update(stack: Stack) -> None:
     c = stack.commands
-    sku = new_sku()
+    sku = new_sku("C")
     created = c.UpsertProduct(
         commands_pb2.UpsertProductRequest(
             request_id=new_id(),
@@ -326,8 +301,8 @@ def test_expected_version_guards_every_update(stack: Stack) -> None:
 
 
 def test_fifty_buyers_for_ten_units(stack: Stack) -> None:
-    sku = new_sku()
-    add_product(stack, sku, stock=10)
+    sku = new_sku("C")
+    add_product(stack.commands, sku, stock=10)
     customer = f"rush-{new_id()}"
 
     def buy(_: int) -> grpc.StatusCode:
@@ -347,9 +322,9 @@ def test_fifty_buyers_for_ten_units(stack: Stack) -> None:
 
 
 def test_multi_sku_orders_in_random_order_never_deadlock(stack: Stack) -> None:
-    skus = [new_sku() for _ in range(5)]
+    skus = [new_sku("C") for _ in range(5)]
     for sku in skus:
-        add_product(stack, sku, stock=60)
+        add_product(stack.commands, sku, stock=60)
     rng = random.Random(20261126)
     orders = [rng.sample(skus, rng.randint(2, 5)) for _ in range(120)]
     customer = f"mix-{new_id()}"

@@ -7,7 +7,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -17,23 +16,11 @@ import pytest
 from orders import jetstream, local_stack
 from orders.config import Settings
 from orders.db import libpq_url
-from orders.events import PRODUCT, EventContext, OutgoingEvent, build_event
-from orders.v1 import admin_pb2, admin_pb2_grpc, common_pb2, events_pb2
-from tests.support import Infra, eventually, isolated_settings, migrate, publish_events
+from orders.events import OutgoingEvent
+from orders.v1 import admin_pb2, admin_pb2_grpc
+from tests.support import Infra, eventually, isolated_settings, migrate, product_event, publish_events
 
 pytestmark = pytest.mark.e2e
-
-
-def product_event(sku: str, version: int, stock: int) -> OutgoingEvent:
-    meta = EventContext(occurred_at=datetime.now(UTC), correlation_id="test", causation_id="test")
-    if version == 1:
-        upserted = events_pb2.ProductUpserted(
-            name=f"Product {sku}", unit_price=common_pb2.Money(currency_code="EUR", minor_units=100), stock=stock
-        )
-        return build_event(meta, PRODUCT, sku, version, product_upserted=upserted)
-    return build_event(
-        meta, PRODUCT, sku, version, inventory_adjusted=events_pb2.InventoryAdjusted(delta=1, stock=stock)
-    )
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,8 @@ from orders import jetstream, local_stack
 from orders.config import Settings
 from orders.db import libpq_url
 from orders.events import parse_event
-from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2
-from tests.support import Infra, eventually, isolated_settings, migrate, serving_or_raise
+from orders.v1 import commands_pb2, commands_pb2_grpc
+from tests.support import Infra, add_product, eventually, isolated_settings, migrate, place, serving_or_raise
 
 pytestmark = pytest.mark.e2e
 
@@ -93,28 +92,10 @@ class CommandProcess:
         self.stub = commands_pb2_grpc.CommandServiceStub(self.channel)
 
     def product(self, sku: str, stock: int) -> None:
-        self.stub.UpsertProduct(
-            commands_pb2.UpsertProductRequest(
-                request_id=str(uuid.uuid4()),
-                sku=sku,
-                name=sku,
-                unit_price=common_pb2.Money(currency_code="EUR", minor_units=10),
-            ),
-            timeout=10,
-        )
-        self.stub.UpdateInventory(
-            commands_pb2.UpdateInventoryRequest(request_id=str(uuid.uuid4()), sku=sku, set_level=stock), timeout=10
-        )
+        add_product(self.stub, sku, stock=stock, price=10)
 
     def order(self, *skus: str) -> commands_pb2.PlaceOrderResponse:
-        return self.stub.PlaceOrder(
-            commands_pb2.PlaceOrderRequest(
-                request_id=str(uuid.uuid4()),
-                customer_id="relay-test",
-                lines=[commands_pb2.PlaceOrderLine(sku=s, quantity=1) for s in skus],
-            ),
-            timeout=10,
-        )
+        return place(self.stub, "relay-test", *[(s, 1) for s in skus])
 
     def stop(self) -> None:
         self.channel.close()

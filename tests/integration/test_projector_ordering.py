@@ -4,30 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
 
 import psycopg
 import pytest
 
 from orders import jetstream
 from orders.db import libpq_url
-from orders.events import PRODUCT, EventContext, OutgoingEvent, build_event
-from orders.v1 import common_pb2, events_pb2
-from tests.support import Stack, eventually
+from orders.events import OutgoingEvent
+from tests.support import Stack, eventually, product_event
 
 pytestmark = pytest.mark.e2e
-
-
-def product_event(sku: str, version: int, stock: int) -> OutgoingEvent:
-    meta = EventContext(occurred_at=datetime.now(UTC), correlation_id="test", causation_id="test")
-    if version == 1:
-        upserted = events_pb2.ProductUpserted(
-            name=f"Product {sku}", unit_price=common_pb2.Money(currency_code="EUR", minor_units=100), stock=stock
-        )
-        return build_event(meta, PRODUCT, sku, version, product_upserted=upserted)
-    return build_event(
-        meta, PRODUCT, sku, version, inventory_adjusted=events_pb2.InventoryAdjusted(delta=1, stock=stock)
-    )
 
 
 async def publish(stack: Stack, items: list[tuple[OutgoingEvent | tuple[str, bytes], str]]) -> list[bool]:
