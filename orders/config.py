@@ -74,6 +74,9 @@ class Settings:
     nats_url: str = _setting("nats://127.0.0.1:4222", _parse_url("nats", "tls"), "NATS server URL.")
     command_addr: str = _setting("127.0.0.1:50051", _parse_address, "CommandService listen address.")
     query_addr: str = _setting("127.0.0.1:50052", _parse_address, "QueryService listen address.")
+    query_metrics_addr: str = _setting(
+        "127.0.0.1:9102", _parse_address, "QueryService Prometheus metrics (HTTP /metrics) listen address."
+    )
     admin_addr: str = _setting(
         "127.0.0.1:50053", _parse_address, "AdminService (projector operations and health) listen address."
     )

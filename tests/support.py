@@ -55,6 +55,7 @@ def isolated_settings(infra: Infra, **overrides: Any) -> Settings:
         command_addr=f"127.0.0.1:{local_stack.free_port()}",
         query_addr=f"127.0.0.1:{local_stack.free_port()}",
         admin_addr=f"127.0.0.1:{local_stack.free_port()}",
+        query_metrics_addr=f"127.0.0.1:{local_stack.free_port()}",
         stream=f"ORDERS_EVENTS_{suffix}",
         consumer=f"projector_{suffix}",
         log_level="DEBUG",

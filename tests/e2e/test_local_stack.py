@@ -76,6 +76,7 @@ def test_up_serves_the_cli_stops_on_ctrl_c_and_keeps_data(tmp_path: Path) -> Non
         "ORDERS_COMMAND_ADDR": f"127.0.0.1:{local_stack.free_port()}",
         "ORDERS_QUERY_ADDR": f"127.0.0.1:{local_stack.free_port()}",
         "ORDERS_ADMIN_ADDR": f"127.0.0.1:{local_stack.free_port()}",
+        "ORDERS_QUERY_METRICS_ADDR": f"127.0.0.1:{local_stack.free_port()}",
     }
     data_dir = tmp_path / "data"
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -31,6 +32,13 @@ def lag(settings: Settings) -> dict:  # type: ignore[type-arg]
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def metrics(settings: Settings) -> dict[str, float]:
+    """The query service's Prometheus samples (name → value) scraped over HTTP."""
+    with urllib.request.urlopen(f"http://{settings.query_metrics_addr}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
 
 
 def projection_serving(settings: Settings) -> bool:
@@ -66,10 +74,20 @@ def test_lag_is_reported_and_turns_the_projection_health_red(
         behind = eventually(lambda: int((g := lag(settings)).get("lag_events", 0)) >= 10 and g, 15, "lag grows")
         assert float(behind["lag_seconds"]) > 0
         eventually(lambda: not projection_serving(settings), 15, "projection reported as lagging")
+        scraped = eventually(
+            lambda: (m := metrics(settings))["orders_projection_lag_events"] >= 10 and m, 10, "lag in the metrics"
+        )
+        assert scraped["orders_projection_lagging"] == 1.0 and scraped["orders_projection_lag_seconds"] > 0
 
         asyncio.run(publish_events(settings, [product_event(stuck, 2, 2)]))  # type: ignore[list-item]
         eventually(lambda: lag(settings).get("lag_events", "0") == "0", 15, "lag back to zero")
         eventually(lambda: projection_serving(settings), 15, "projection SERVING again")
+        assert (
+            eventually(
+                lambda: (m := metrics(settings))["orders_projection_lagging"] == 0.0 and m, 10, "metrics back to normal"
+            )["orders_projection_lag_events"]
+            == 0
+        )
 
         procs["projector"].stop()  # no more reports: stale within lag_alert_seconds
         eventually(lambda: not projection_serving(settings), 15, "silent projector reported as lagging")
