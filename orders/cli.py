@@ -140,7 +140,9 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 def _output(args: argparse.Namespace, message: Any) -> None:
     from google.protobuf import json_format
 
-    data = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    data = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
     if args.json:
         print(json.dumps(data), flush=True)
         return
