@@ -156,12 +156,12 @@ class ReadModel:
             ).all()
         return [summary_message(row) for row in rows]
 
-    async def orders_of_customer(self, customer_id: str, after_seq: int = 0) -> list[queries_pb2.OrderSummary]:
+    async def orders_of_customer(self, customer_id: str) -> list[queries_pb2.OrderSummary]:
         async with self._engine.connect() as conn:
             rows = (
                 await conn.execute(
                     sa.select(*SUMMARY_COLUMNS)
-                    .where(order_summaries.c.customer_id == customer_id, order_summaries.c.stream_seq > after_seq)
+                    .where(order_summaries.c.customer_id == customer_id)
                     .order_by(order_summaries.c.placed_at, order_summaries.c.order_id)
                 )
             ).all()
