@@ -189,3 +189,21 @@ def applied_rows(settings: Settings) -> int:
     with psycopg.connect(libpq_url(settings.read_database_url)) as conn:
         row = conn.execute("SELECT coalesce(sum(version), 0) FROM order_summaries").fetchone()
     return int(row[0]) if row else 0
+
+
+def test_projector_health_follows_its_nats_connection(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    settings = isolated_settings(infra, nats_url=own_nats.url)
+    asyncio.run(migrate(settings))
+    projector = start_projector(settings, tmp_path)
+    nats = own_nats
+    try:
+        nats.stop()
+        eventually(lambda: not local_stack.grpc_serving(settings.admin_addr), 15, "NOT_SERVING without NATS")
+        nats = local_stack.start_nats(own_nats.config_path.parent, port=own_nats.port)
+        eventually(lambda: local_stack.grpc_serving(settings.admin_addr), 15, "SERVING once NATS is back")
+        assert projector.alive()
+    finally:
+        projector.stop()
+        nats.stop()
