@@ -19,7 +19,7 @@ import pytest
 
 from orders import local_stack
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
-from tests.support import Infra, Stack, isolated_settings, migrate, serving_or_raise
+from tests.support import Infra, Stack, isolated_settings, migrate
 
 
 def _embedded(tmp: Path) -> Iterator[Infra]:
@@ -98,8 +98,6 @@ def stack(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
     try:
         for module in local_stack.SERVICES:
             running.start(module)
-        for address in (settings.command_addr, settings.query_addr, settings.admin_addr):
-            local_stack.wait_until(lambda a=address: serving_or_raise(a, processes), 60, f"{address} SERVING")
         yield running
     finally:
         command_channel.close()

@@ -40,7 +40,7 @@ class Stack:
     log_dir: Path
 
     def start(self, module: str) -> local_stack.ManagedProcess:
-        proc = local_stack.start_service(module, self.settings.to_env(), self.log_dir)
+        proc = start_serving(module, self.settings, self.log_dir)
         self.processes[module] = proc
         return proc
 
@@ -66,6 +66,21 @@ def isolated_settings(infra: Infra, **overrides: Any) -> Settings:
 async def migrate(settings: Settings) -> None:
     await db.create_schema(settings.write_database_url, write_metadata)
     await db.create_schema(settings.read_database_url, read_metadata)
+
+
+SERVICE_ADDRESS = {"command_service": "command_addr", "query_service": "query_addr", "projector": "admin_addr"}
+
+
+def start_serving(module: str, settings: Settings, log_dir: Path, timeout: float = 60) -> local_stack.ManagedProcess:
+    """Start one service process and wait until its gRPC health answers SERVING (stop it if it never does)."""
+    proc = local_stack.start_service(module, settings.to_env(), log_dir)
+    address = getattr(settings, SERVICE_ADDRESS[module])
+    try:
+        local_stack.wait_until(lambda: serving_or_raise(address, {module: proc}), timeout, f"{module} SERVING")
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
 
 
 def serving_or_raise(address: str, processes: dict[str, local_stack.ManagedProcess]) -> bool:

@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from orders import local_stack
 from orders.db import libpq_url
 from orders.v1 import commands_pb2, common_pb2
-from tests.support import Infra, Stack, add_product, isolated_settings, new_id, new_sku, serving_or_raise
+from tests.support import Infra, Stack, add_product, isolated_settings, new_id, new_sku, start_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -183,9 +183,8 @@ def test_database_down_is_unavailable(infra: Infra, tmp_path) -> None:  # type: 
     settings = isolated_settings(
         infra, write_database_url=f"postgresql://postgres@127.0.0.1:{local_stack.free_port()}/x"
     )
-    proc = local_stack.start_service("command_service", settings.to_env(), tmp_path)
+    proc = start_serving("command_service", settings, tmp_path)
     try:
-        local_stack.wait_until(lambda: serving_or_raise(settings.command_addr, {"c": proc}), 30, "command service up")
         with grpc.insecure_channel(settings.command_addr) as channel:
             place = channel.unary_unary(
                 "/orders.v1.CommandService/PlaceOrder",

@@ -18,7 +18,7 @@ from orders.config import Settings
 from orders.db import libpq_url
 from orders.events import OutgoingEvent
 from orders.v1 import admin_pb2, admin_pb2_grpc
-from tests.support import Infra, eventually, isolated_settings, migrate, product_event, publish_events
+from tests.support import Infra, eventually, isolated_settings, migrate, product_event, publish_events, start_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -56,10 +56,9 @@ def projector(infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path) -> 
     settings = isolated_settings(infra, nats_url=own_nats.url, max_deliver=3, retry_backoff=(0.2,))
     asyncio.run(migrate(settings))
     asyncio.run(publish_events(settings, []))  # creates the stream
-    proc = local_stack.start_service("projector", settings.to_env(), tmp_path)
+    proc = start_serving("projector", settings, tmp_path)
     channel = grpc.insecure_channel(settings.admin_addr)
     try:
-        local_stack.wait_until(lambda: local_stack.grpc_serving(settings.admin_addr), 30, "projector SERVING")
         yield ProjectorUnderTest(settings, proc, admin_pb2_grpc.AdminServiceStub(channel))
     finally:
         channel.close()
@@ -137,9 +136,8 @@ def test_database_outage_naks_with_back_off_and_reports_not_serving(
     )
     asyncio.run(migrate(settings))
     asyncio.run(publish_events(settings, []))
-    proc = local_stack.start_service("projector", settings.to_env(), tmp_path / "logs")
+    proc = start_serving("projector", settings, tmp_path / "logs")
     try:
-        local_stack.wait_until(lambda: local_stack.grpc_serving(settings.admin_addr), 30, "projector SERVING")
         sku = f"T-{uuid.uuid4().hex[:8]}"
         asyncio.run(publish_events(settings, [product_event(sku, 1, 1)]))
 

@@ -17,7 +17,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orders import local_stack
 from orders.config import Settings
-from tests.support import Infra, eventually, isolated_settings, migrate, product_event, publish_events, serving_or_raise
+from tests.support import (
+    Infra,
+    eventually,
+    isolated_settings,
+    migrate,
+    product_event,
+    publish_events,
+    start_serving,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -57,10 +65,10 @@ def test_lag_is_reported_and_turns_the_projection_health_red(
     )
     asyncio.run(migrate(settings))
     asyncio.run(publish_events(settings, [product_event(f"A-{i}", 1, 1) for i in range(3)]))  # type: ignore[misc]
-    procs = {m: local_stack.start_service(m, settings.to_env(), tmp_path) for m in ("projector", "query_service")}
+    procs: dict[str, local_stack.ManagedProcess] = {}
     try:
-        for address in (settings.admin_addr, settings.query_addr):
-            local_stack.wait_until(lambda a=address: serving_or_raise(a, procs), 30, f"{address} SERVING")
+        for module in ("projector", "query_service"):
+            procs[module] = start_serving(module, settings, tmp_path)
         caught_up = eventually(lambda: (g := lag(settings))["stream_last_sequence"] == "3" and g, 10, "lag measured")
         assert caught_up.get("lag_events", "0") == "0"
         eventually(lambda: projection_serving(settings), 10, "projection SERVING")

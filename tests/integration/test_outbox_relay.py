@@ -17,7 +17,15 @@ from orders.config import Settings
 from orders.db import libpq_url
 from orders.events import parse_event
 from orders.v1 import commands_pb2, commands_pb2_grpc
-from tests.support import Infra, add_product, eventually, isolated_settings, migrate, place, serving_or_raise
+from tests.support import (
+    Infra,
+    add_product,
+    eventually,
+    isolated_settings,
+    migrate,
+    place,
+    start_serving,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -86,8 +94,7 @@ class CommandProcess:
 
     def __init__(self, settings: Settings, log_dir: Path) -> None:
         self.settings = settings
-        self.proc = local_stack.start_service("command_service", settings.to_env(), log_dir)
-        local_stack.wait_until(lambda: serving_or_raise(settings.command_addr, {"c": self.proc}), 30, "SERVING")
+        self.proc = start_serving("command_service", settings, log_dir)
         self.channel = grpc.insecure_channel(settings.command_addr)
         self.stub = commands_pb2_grpc.CommandServiceStub(self.channel)
 

@@ -28,7 +28,7 @@ from tests.support import (
     projects,
     publish_events,
     read_rows,
-    serving_or_raise,
+    start_serving,
     synthetic_history,
 )
 
@@ -36,9 +36,7 @@ pytestmark = pytest.mark.e2e
 
 
 def start_projector(settings: Settings, log_dir: Path) -> local_stack.ManagedProcess:
-    proc = local_stack.start_service("projector", settings.to_env(), log_dir)
-    local_stack.wait_until(lambda: serving_or_raise(settings.admin_addr, {"p": proc}), 30, "projector SERVING")
-    return proc
+    return start_serving("projector", settings, log_dir)
 
 
 def with_changes(settings: Settings, **changes: object) -> Settings:
@@ -108,8 +106,7 @@ def test_sigkilled_projector_leaves_read_model_equal_to_write_model(
 ) -> None:
     settings = isolated_settings(infra, nats_url=own_nats.url, projector_batch=8, ack_wait=2.0)
     asyncio.run(migrate(settings))
-    command = local_stack.start_service("command_service", settings.to_env(), tmp_path / "c")
-    local_stack.wait_until(lambda: serving_or_raise(settings.command_addr, {"c": command}), 30, "commands SERVING")
+    command = start_serving("command_service", settings, tmp_path / "c")
     projector = start_projector(settings, tmp_path / "p")
     channel = grpc.insecure_channel(settings.command_addr)
     stub = commands_pb2_grpc.CommandServiceStub(channel)

@@ -21,7 +21,7 @@ from orders import local_stack
 from orders.config import Settings
 from orders.db import libpq_url
 from orders.v1 import common_pb2, queries_pb2, queries_pb2_grpc
-from tests.support import Infra, eventually, isolated_settings, migrate, serving_or_raise
+from tests.support import Infra, eventually, isolated_settings, migrate, start_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -64,10 +64,9 @@ def big(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigR
     asyncio.run(migrate(settings))
     with psycopg.connect(libpq_url(settings.read_database_url), autocommit=True) as conn:
         conn.execute(LOAD)
-    query = local_stack.start_service("query_service", settings.to_env(), work)
+    query = start_serving("query_service", settings, work)
     channel = grpc.insecure_channel(settings.query_addr, options=[("grpc.max_receive_message_length", 8 << 20)])
     try:
-        local_stack.wait_until(lambda: serving_or_raise(settings.query_addr, {"q": query}), 30, "query SERVING")
         yield BigReadSide(settings, pg, query, queries_pb2_grpc.QueryServiceStub(channel))
     finally:
         channel.close()

@@ -25,7 +25,7 @@ from tests.support import (
     projects,
     publish_events,
     read_rows,
-    serving_or_raise,
+    start_serving,
     synthetic_history,
 )
 
@@ -40,11 +40,11 @@ def test_rebuild_of_20000_events_without_query_downtime(
     history = synthetic_history(20_000, 2_000, 50, seed=3, prefix=f"R{uuid.uuid4().hex[:6]}")
     later = synthetic_history(300, 30, 5, seed=4, prefix=f"L{uuid.uuid4().hex[:6]}")
     asyncio.run(publish_events(settings, history.events))
-    procs = {m: local_stack.start_service(m, settings.to_env(), tmp_path) for m in ("projector", "query_service")}
+    procs: dict[str, local_stack.ManagedProcess] = {}
     channel = grpc.insecure_channel(settings.query_addr)
     try:
-        for address in (settings.admin_addr, settings.query_addr):
-            local_stack.wait_until(lambda a=address: serving_or_raise(a, procs), 30, f"{address} SERVING")
+        for module in ("projector", "query_service"):
+            procs[module] = start_serving(module, settings, tmp_path)
         eventually(lambda: projects(settings, history), 120, "incremental projection of 20,000 events")
         incremental = read_rows(settings)
 
