@@ -95,6 +95,9 @@ async def serve(settings: Settings) -> None:
     feed_task = asyncio.create_task(feed.run(), name="change-feed")
     registry = CollectorRegistry()
     metrics_port = serve_metrics(settings.query_metrics_addr, registry)
+    Gauge("orders_query_watch_streams", "Open WatchOrderSummaries streams", registry=registry).set_function(
+        lambda: feed.active_watches
+    )
     projection_task = asyncio.create_task(
         watch_projection(engine, settings, health, ProjectionMetrics(registry)), name="projection-health"
     )

@@ -40,19 +40,19 @@ class Watch:
     customer_id: str
     queue_size: int
     queue: asyncio.Queue[queries_pb2.OrderSummary | str] = field(init=False)
-    overflowed: bool = False
+    cut_off: asyncio.Event = field(init=False, default_factory=asyncio.Event)  # set when the queue overflowed
 
     def __post_init__(self) -> None:
         self.queue = asyncio.Queue(maxsize=self.queue_size)
 
     def offer(self, item: queries_pb2.OrderSummary | str) -> None:
         """Queue an item without ever blocking the feed; a full queue cuts the watcher off."""
-        if self.overflowed:
+        if self.cut_off.is_set():
             return
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
-            self.overflowed = True
+            self.cut_off.set()
             while not self.queue.empty():
                 self.queue.get_nowait()
             self.queue.put_nowait(OVERFLOW)

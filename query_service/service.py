@@ -35,6 +35,13 @@ def _order_id(value: str, field: str) -> str:
         raise InvalidArgument([FieldViolation(field, "must be an order id (UUID)")]) from None
 
 
+def _too_slow() -> ResourceExhausted:
+    return ResourceExhausted(
+        "watch stream cut off: the client did not read changes fast enough; reconnect with after_sequence "
+        "set to the last stream_sequence received"
+    )
+
+
 class QueryService(queries_pb2_grpc.QueryServiceServicer):
     def __init__(self, read_model: ReadModel, feed: ChangeFeed, read_wait_max: float, watch_queue_size: int) -> None:
         self._read_model = read_model
@@ -106,28 +113,40 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
     @rpc
     async def WatchOrderSummaries(
         self, request: queries_pb2.WatchOrderSummariesRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[queries_pb2.WatchOrderSummariesResponse]:
+    ) -> None:
         """Missed changes (after_sequence) and/or a snapshot, then each change of the selected orders.
 
         The watch subscribes to the feed BEFORE reading the change log or the snapshot, so a change
         committed in between is queued, and the per-order version filter drops whatever was already
         sent: each change goes out once, in version order, with the stream sequence it reflects.
+
+        Memory per watch is bounded: at most ORDERS_WATCH_QUEUE_SIZE queued changes plus the one message
+        gRPC holds while the client's flow-control window is full. When the queue overflows the stream
+        ends with RESOURCE_EXHAUSTED at once, even while a write is blocked on a client that stopped
+        reading (the client sees the status after the messages already in flight).
         """
         order_ids = self._watch_selection(request)
         await self._catch_up(request.consistency_token, context)
         watch = Watch(frozenset(order_ids), request.customer_id, self._watch_queue_size)
         self._feed.subscribe(watch)
+        cut_off = asyncio.ensure_future(watch.cut_off.wait())
+        sent: dict[str, int] = {}
+
+        async def send(summary: queries_pb2.OrderSummary, snapshot: bool) -> None:
+            if summary.version <= sent.get(summary.order_id, 0):
+                return
+            sent[summary.order_id] = summary.version
+            write = asyncio.ensure_future(
+                context.write(queries_pb2.WatchOrderSummariesResponse(summary=summary, snapshot=snapshot))
+            )
+            await asyncio.wait((write, cut_off), return_when=asyncio.FIRST_COMPLETED)
+            if not write.done():
+                raise _too_slow()
+            write.result()
+
         try:
             applied, kept_from = await self._read_model.positions()
             floor = request.after_sequence or applied  # re-read from here if notifications were missed
-            sent: dict[str, int] = {}
-
-            def fresh(summary: queries_pb2.OrderSummary) -> bool:
-                if summary.version <= sent.get(summary.order_id, 0):
-                    return False
-                sent[summary.order_id] = summary.version
-                return True
-
             if request.after_sequence:
                 if request.after_sequence + 1 < kept_from:
                     raise FailedPrecondition(
@@ -137,8 +156,7 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
                         "after_sequence",
                     )
                 for change in await self._read_model.changes_since(order_ids, request.customer_id, floor):
-                    if fresh(change):
-                        yield queries_pb2.WatchOrderSummariesResponse(summary=change, snapshot=False)
+                    await send(change, False)
             if request.include_snapshot:
                 current = (
                     await self._read_model.orders_by_ids(order_ids)
@@ -146,23 +164,19 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
                     else await self._read_model.orders_of_customer(request.customer_id)
                 )
                 for summary in current:
-                    if fresh(summary):
-                        yield queries_pb2.WatchOrderSummariesResponse(summary=summary, snapshot=True)
+                    await send(summary, True)
             while True:
                 item = await watch.queue.get()
                 if item == OVERFLOW:
-                    raise ResourceExhausted(
-                        "watch stream cut off: the client did not read changes fast enough; reconnect "
-                        "with after_sequence set to the last stream_sequence received"
-                    )
+                    raise _too_slow()
                 if isinstance(item, str):  # RESYNC: notifications may have been missed
                     updates = await self._read_model.changes_since(order_ids, request.customer_id, floor)
                 else:
                     updates = [item]
                 for change in updates:
-                    if fresh(change):
-                        yield queries_pb2.WatchOrderSummariesResponse(summary=change, snapshot=False)
+                    await send(change, False)
         finally:
+            cut_off.cancel()
             self._feed.unsubscribe(watch)
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,6 +104,17 @@ def eventually(probe: Callable[[], T | None], timeout: float = 5.0, what: str = 
 
     local_stack.wait_until(check, timeout, what, interval=0.05)
     return result[0]
+
+
+def scrape_metrics(address: str) -> dict[str, float]:
+    """A process's Prometheus samples (name with labels → value), scraped over HTTP."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {
+        sample.rpartition(" ")[0]: float(sample.rpartition(" ")[2])
+        for sample in text.splitlines()
+        if sample and not sample.startswith("#")
+    }
 
 
 @dataclass

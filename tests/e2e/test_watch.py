@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
 
-from orders.v1 import commands_pb2, queries_pb2
-from tests.support import Stack, add_product, new_id, new_sku, place
+from orders import local_stack
+from orders.v1 import commands_pb2, queries_pb2, queries_pb2_grpc
+from tests.support import Stack, add_product, eventually, new_id, new_sku, place, scrape_metrics, start_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -17,8 +20,11 @@ pytestmark = pytest.mark.e2e
 class Watcher:
     """A watch stream read by a background thread into a queue."""
 
-    def __init__(self, stack: Stack, request: queries_pb2.WatchOrderSummariesRequest) -> None:
-        self.call = stack.queries.WatchOrderSummaries(request, timeout=60)
+    def __init__(
+        self, stack: Stack | queries_pb2_grpc.QueryServiceStub, request: queries_pb2.WatchOrderSummariesRequest
+    ) -> None:
+        queries = stack.queries if isinstance(stack, Stack) else stack
+        self.call = queries.WatchOrderSummaries(request, timeout=60)
         self.received: queue.Queue[queries_pb2.WatchOrderSummariesResponse | BaseException] = queue.Queue()
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -111,3 +117,64 @@ def test_resume_from_a_sequence_delivers_exactly_what_was_missed(stack: Stack) -
             )
         )
     assert both.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_watcher_that_stops_reading_is_cut_off_and_can_resume(stack: Stack, tmp_path: Path) -> None:
+    """The server holds at most a few changes for a stalled watcher, then ends its stream.
+
+    A second query service with a 4-change queue serves two watchers of the same customer: one reads
+    everything, the other stops after the snapshot (its client grants only a 16 KB window, so gRPC's
+    flow control blocks the server's writes soon). The stalled stream is closed on the server while
+    its client still is not reading; the client then finds the messages already in flight, followed
+    by RESOURCE_EXHAUSTED, and resumes from the last sequence it saw without a gap.
+    """
+    settings = replace(
+        stack.settings,
+        query_addr=f"127.0.0.1:{local_stack.free_port()}",
+        query_metrics_addr=f"127.0.0.1:{local_stack.free_port()}",
+        watch_queue_size=4,
+    )
+    server = start_serving("query_service", settings, tmp_path)
+    small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16 * 1024)]
+    skus = [watched_product(stack) for _ in range(10)]
+    customer = f"ws-{new_id()}"
+    first = place(stack.commands, customer, *((sku, 1) for sku in skus))
+    request = queries_pb2.WatchOrderSummariesRequest(
+        customer_id=customer, include_snapshot=True, consistency_token=first.consistency_token
+    )
+    with (
+        grpc.insecure_channel(settings.query_addr) as good,
+        grpc.insecure_channel(settings.query_addr, options=small_window) as slow,
+    ):
+        reader = Watcher(queries_pb2_grpc.QueryServiceStub(good), request)
+        stalled = iter(queries_pb2_grpc.QueryServiceStub(slow).WatchOrderSummaries(request, timeout=120))
+        try:
+            assert next(stalled).summary.order_id == first.order_id
+            assert reader.next().summary.order_id == first.order_id
+            eventually(lambda: scrape_metrics(settings.query_metrics_addr)["orders_query_watch_streams"] == 2)
+            orders = [first.order_id]
+            for _ in range(300):
+                orders.append(place(stack.commands, customer, *((sku, 1) for sku in skus)).order_id)
+                if scrape_metrics(settings.query_metrics_addr)["orders_query_watch_streams"] == 1:
+                    break
+            assert len(orders) < 300, "the stalled watcher was never cut off"
+            assert [reader.next().summary.order_id for _ in orders[1:]] == orders[1:]  # the reader is unaffected
+
+            delivered = [first.order_id]
+            with pytest.raises(grpc.RpcError) as cut:
+                for message in stalled:
+                    delivered.append(message.summary.order_id)
+                    last_seen = message.summary.stream_sequence
+            assert cut.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "after_sequence" in (cut.value.details() or "")
+            assert 1 < len(delivered) < len(orders) and delivered == orders[: len(delivered)]
+
+            resumed = Watcher(
+                queries_pb2_grpc.QueryServiceStub(good),
+                queries_pb2.WatchOrderSummariesRequest(customer_id=customer, after_sequence=last_seen),
+            )
+            assert [resumed.next().summary.order_id for _ in orders[len(delivered) :]] == orders[len(delivered) :]
+            resumed.close()
+        finally:
+            reader.close()
+            server.stop()

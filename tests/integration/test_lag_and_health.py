@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tests.support import (
     migrate,
     product_event,
     publish_events,
+    scrape_metrics,
     start_serving,
 )
 
@@ -43,10 +43,7 @@ def lag(settings: Settings) -> dict:  # type: ignore[type-arg]
 
 
 def metrics(settings: Settings) -> dict[str, float]:
-    """The query service's Prometheus samples (name → value) scraped over HTTP."""
-    with urllib.request.urlopen(f"http://{settings.query_metrics_addr}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    return scrape_metrics(settings.query_metrics_addr)
 
 
 def projection_serving(settings: Settings) -> bool:
