@@ -110,10 +110,16 @@ def _filter_conditions(filt: queries_pb2.OrderFilter) -> list[Any]:
             violations.append(FieldViolation("filter.status", "unknown status"))
         else:
             conditions.append(order_summaries.c.status == _STATUS_NAMES[filt.status])
-    if filt.HasField("placed_after"):
-        conditions.append(order_summaries.c.placed_at >= filt.placed_after.ToDatetime(tzinfo=UTC))
-    if filt.HasField("placed_before"):
-        conditions.append(order_summaries.c.placed_at < filt.placed_before.ToDatetime(tzinfo=UTC))
+    for name in ("placed_after", "placed_before"):
+        if not filt.HasField(name):
+            continue
+        try:
+            moment = getattr(filt, name).ToDatetime(tzinfo=UTC)
+        except (ValueError, OverflowError):
+            violations.append(FieldViolation(f"filter.{name}", "must be a timestamp between years 1 and 9999"))
+            continue
+        column = order_summaries.c.placed_at
+        conditions.append(column >= moment if name == "placed_after" else column < moment)
     if violations:
         raise InvalidArgument(violations)
     return conditions

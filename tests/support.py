@@ -12,6 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
 from command_service.schema import metadata as write_metadata
 from orders import db, jetstream, local_stack
 from orders.config import Settings
@@ -104,6 +108,16 @@ def eventually(probe: Callable[[], T | None], timeout: float = 5.0, what: str = 
 
     local_stack.wait_until(check, timeout, what, interval=0.05)
     return result[0]
+
+
+def bad_fields(err: grpc.RpcError) -> set[str]:
+    """The fields named by an INVALID_ARGUMENT error's google.rpc.BadRequest details."""
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    status = rpc_status.from_call(err)
+    assert status is not None
+    details = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(details)
+    return {v.field for v in details.field_violations}
 
 
 def scrape_metrics(address: str) -> dict[str, float]:

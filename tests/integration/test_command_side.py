@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from orders import local_stack
 from orders.db import libpq_url
 from orders.v1 import commands_pb2, common_pb2
-from tests.support import Infra, Stack, add_product, isolated_settings, new_id, new_sku, start_serving
+from tests.support import Infra, Stack, add_product, bad_fields, isolated_settings, new_id, new_sku, start_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -32,15 +32,6 @@ def error_of(call, request) -> grpc.RpcError:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.RpcError) as err:
         call(request, timeout=10)
     return err.value  # type: ignore[return-value]
-
-
-def bad_fields(err: grpc.RpcError) -> set[str]:
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
-    status = rpc_status.from_call(err)
-    assert status is not None
-    details = error_details_pb2.BadRequest()
-    assert status.details[0].Unpack(details)
-    return {v.field for v in details.field_violations}
 
 
 def table_counts(stack: Stack) -> dict[str, int]:
