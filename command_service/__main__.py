@@ -13,6 +13,7 @@ from command_service.service import CommandService
 from orders import db
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
+from orders.metrics import serve_metrics
 from orders.runtime import configure_logging, stop_event
 from orders.v1 import commands_pb2
 
@@ -33,8 +34,9 @@ async def serve(settings: Settings) -> None:
     await server.start()
     await set_serving(health, [SERVICE.full_name], True)
     relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+    metrics_port = serve_metrics(settings.command_metrics_addr)
     host = settings.command_addr.rpartition(":")[0]
-    log.info("CommandService listening on %s:%d", host, port)
+    log.info("CommandService listening on %s:%d; metrics on port %d", host, port, metrics_port)
     try:
         await stop.wait()
     finally:

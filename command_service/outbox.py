@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
+from prometheus_client import Counter, Gauge, Histogram
 
 from orders import jetstream
 from orders.config import Settings
@@ -40,9 +41,18 @@ log = logging.getLogger(__name__)
 
 RELAY_LOCK_KEY = 0x6F72646572730001  # pg_advisory_lock key: "orders" + relay id 1
 CLEANUP_BATCH = 5000
-BACKLOG_LOG_INTERVAL = 10.0
+BACKLOG_CHECK_INTERVAL = 5.0
 RETRY_BASE_DELAY = 0.2
 RETRY_MAX_DELAY = 5.0
+
+PUBLISHED = Counter("orders_outbox_published_events", "Outbox events acknowledged by JetStream")
+PUBLISH_FAILURES = Counter("orders_outbox_publish_failures", "Publishes that failed and stay in the outbox")
+PUBLISH_SECONDS = Histogram(
+    "orders_outbox_publish_seconds",
+    "One event's publish until its PubAck",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)
+BACKLOG = Gauge("orders_outbox_backlog_events", "Unpublished outbox rows, measured every few seconds by the leader")
 
 
 class RoundOutcome(enum.Enum):
@@ -59,7 +69,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._next_cleanup = 0.0
-        self._next_backlog_log = 0.0
+        self._next_backlog_check = 0.0
         self.published_total = 0
         self.duplicates_total = 0
         self.is_leader = False
@@ -167,11 +177,14 @@ class OutboxRelay:
 
         async def publish_chain(chain: list[tuple[Any, ...]]) -> None:
             for row_id, subject, headers, payload in chain:
+                sent = time.perf_counter()
                 try:
                     ack = await js.publish(subject, bytes(payload), headers=dict(headers))
                 except Exception as exc:  # timeout, disconnect, API error: retried next round
                     failures.append(exc)
+                    PUBLISH_FAILURES.inc()
                     return
+                PUBLISH_SECONDS.observe(time.perf_counter() - sent)
                 acked.append(row_id)
                 if ack.duplicate:
                     nonlocal duplicates
@@ -181,6 +194,7 @@ class OutboxRelay:
         if acked:
             await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY(%s)", (acked,))
             self.published_total += len(acked)
+            PUBLISHED.inc(len(acked))
         if duplicates:
             self.duplicates_total += duplicates
             log.info("outbox relay: %d events were already in the stream; JetStream dropped the copies", duplicates)
@@ -197,7 +211,7 @@ class OutboxRelay:
         return RoundOutcome.MORE if len(rows) == self._settings.relay_batch else RoundOutcome.DRAINED
 
     async def _housekeeping(self) -> None:
-        """Every so often, as leader: delete old published rows and log a non-empty backlog."""
+        """Every so often, as leader: delete old published rows, measure and log the backlog."""
         if self._conn is None:
             return
         now = time.monotonic()
@@ -208,9 +222,10 @@ class OutboxRelay:
                 log.info(
                     "outbox relay: deleted %d published rows older than %.0fs", deleted, self._settings.outbox_retention
                 )
-        if now >= self._next_backlog_log:
-            self._next_backlog_log = now + BACKLOG_LOG_INTERVAL
+        if now >= self._next_backlog_check:
+            self._next_backlog_check = now + BACKLOG_CHECK_INTERVAL
             waiting = await backlog(self._conn)
+            BACKLOG.set(waiting)
             if waiting:
                 log.info("outbox relay: backlog of %d unpublished events", waiting)
 

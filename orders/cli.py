@@ -88,6 +88,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print(f"CommandService  {settings.command_addr}")
         print(f"QueryService    {settings.query_addr}")
         print(f"AdminService    {settings.admin_addr}")
+        metrics = (settings.command_metrics_addr, settings.query_metrics_addr, settings.projector_metrics_addr)
+        print("metrics         " + "  ".join(f"http://{a}/metrics" for a in metrics))
         print(f"logs in {(data_dir / 'logs').resolve()}; Ctrl-C stops everything", flush=True)
         while not stopping:
             dead = [p for p in started if not p.alive()]

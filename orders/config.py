@@ -74,8 +74,14 @@ class Settings:
     nats_url: str = _setting("nats://127.0.0.1:4222", _parse_url("nats", "tls"), "NATS server URL.")
     command_addr: str = _setting("127.0.0.1:50051", _parse_address, "CommandService listen address.")
     query_addr: str = _setting("127.0.0.1:50052", _parse_address, "QueryService listen address.")
+    command_metrics_addr: str = _setting(
+        "127.0.0.1:9101", _parse_address, "Command service Prometheus metrics (HTTP /metrics) listen address."
+    )
     query_metrics_addr: str = _setting(
-        "127.0.0.1:9102", _parse_address, "QueryService Prometheus metrics (HTTP /metrics) listen address."
+        "127.0.0.1:9102", _parse_address, "Query service Prometheus metrics (HTTP /metrics) listen address."
+    )
+    projector_metrics_addr: str = _setting(
+        "127.0.0.1:9103", _parse_address, "Projector Prometheus metrics (HTTP /metrics) listen address."
     )
     admin_addr: str = _setting(
         "127.0.0.1:50053", _parse_address, "AdminService (projector operations and health) listen address."

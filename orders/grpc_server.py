@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
@@ -15,6 +17,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from orders import metrics
 from orders.db import is_unavailable
 from orders.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
 
@@ -88,43 +91,65 @@ def rpc(method: F) -> F:
     Works for unary methods and for server-streaming async generators.
     """
     name = method.__qualname__
+    service, _, method_name = name.rpartition(".")
+    seconds = metrics.RPC_SECONDS.labels(service, method_name)
+
+    def count(code: grpc.StatusCode) -> None:
+        metrics.RPCS.labels(service, method_name, code.name).inc()
 
     async def fail(exc: Exception, context: grpc.aio.ServicerContext) -> None:
         status = _status_for(exc)
         if status is None:
             log.exception("unexpected error in %s", name)
+            count(grpc.StatusCode.INTERNAL)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error")
         else:
             if isinstance(exc, Unavailable) or not isinstance(exc, DomainError):
                 log.warning("%s unavailable: %s", name, exc)
+            count(status.code)
             await context.abort_with_status(status)
 
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
             try:
                 if isinstance(request, MalformedRequest):
                     raise request.to_error()
                 async for item in method(self, request, context):
                     yield item
+                count(grpc.StatusCode.OK)
             except grpc.aio.AbortError:
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                count(grpc.StatusCode.CANCELLED)
                 raise
             except Exception as exc:
                 await fail(exc, context)
+            finally:
+                seconds.observe(time.perf_counter() - started)
 
         return stream_wrapper  # type: ignore[return-value]
 
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        started = time.perf_counter()
         try:
             if isinstance(request, MalformedRequest):
                 raise request.to_error()
-            return await method(self, request, context)
+            result = await method(self, request, context)
+            count(grpc.StatusCode.OK)
+            return result
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            count(grpc.StatusCode.CANCELLED)
             raise
         except Exception as exc:
             await fail(exc, context)
+        finally:
+            seconds.observe(time.perf_counter() - started)
 
     return unary_wrapper  # type: ignore[return-value]
 

@@ -8,6 +8,7 @@ for PostgreSQL's fast shutdown), then SIGKILL after a grace period.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -30,6 +31,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_addresses() -> dict[str, str]:
+    """Every listen-address setting (field name → 127.0.0.1:port) on ports that are free right now."""
+    from orders.config import Settings
+
+    return {f.name: f"127.0.0.1:{free_port()}" for f in dataclasses.fields(Settings) if f.name.endswith("_addr")}
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:

@@ -12,6 +12,7 @@ import psycopg
 from orders import db
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
+from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
 from orders.read_model import metadata
 from orders.runtime import configure_logging, stop_event
 from orders.v1 import admin_pb2
@@ -33,7 +34,10 @@ async def monitor(projector: Projector, settings: Settings, engine: db.AsyncEngi
             async with transaction(engine) as conn:
                 await conn.execute("SELECT 1")
                 if ok and projector.nc is not None:
-                    await lag.record(conn, PROJECTION_NAME, await lag.measure(projector.nc, settings))
+                    measured = await lag.measure(projector.nc, settings)
+                    await lag.record(conn, PROJECTION_NAME, measured)
+                    PROJECTION_LAG_EVENTS.set(measured.events)
+                    PROJECTION_LAG_SECONDS.set(measured.seconds)
                 await prune_changes(conn, settings.change_retention)
         except Exception as exc:
             if serving is not False:
@@ -65,15 +69,17 @@ async def serve(settings: Settings) -> None:
     projector = Projector(settings, engine)
     server, port, health = create_server(settings.admin_addr, SERVICE, AdminService(settings, engine, projector))
     await server.start()
+    metrics_port = serve_metrics(settings.projector_metrics_addr)
     consumer = asyncio.create_task(projector.run(stop), name="consumer")
     await set_serving(health, [SERVICE.full_name], False)
     watcher = asyncio.create_task(monitor(projector, settings, engine, health), name="monitor")
     log.info(
-        "projector consuming %s as %s; AdminService on %s:%d",
+        "projector consuming %s as %s; AdminService on %s:%d; metrics on port %d",
         settings.stream,
         settings.consumer,
         settings.admin_addr.rpartition(":")[0],
         port,
+        metrics_port,
     )
     try:
         await consumer

@@ -7,12 +7,12 @@ import contextlib
 import logging
 
 import sqlalchemy as sa
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import Gauge
 
 from orders import db
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
-from orders.metrics import serve_metrics
+from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
 from orders.read_model import projection_checkpoints
 from orders.runtime import configure_logging, stop_event
 from orders.v1 import queries_pb2
@@ -28,22 +28,10 @@ PROJECTION_HEALTH = "projection"  # health service name: NOT_SERVING while the p
 PROJECTION_CHECK_INTERVAL = 2.0
 
 
-class ProjectionMetrics:
-    """The projection's lag as the query side sees it (from the projector's last report)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.lag_events = Gauge(
-            "orders_projection_lag_events", "Events not yet applied to the read model", registry=registry
-        )
-        self.lag_seconds = Gauge(
-            "orders_projection_lag_seconds", "Age of the oldest event not yet applied", registry=registry
-        )
-        self.lagging = Gauge("orders_projection_lagging", "1 while the projection counts as lagging", registry=registry)
+LAGGING = Gauge("orders_projection_lagging", "1 while the projection counts as lagging")
 
 
-async def watch_projection(
-    engine: db.AsyncEngine, settings: Settings, health: object, metrics: ProjectionMetrics
-) -> None:
+async def watch_projection(engine: db.AsyncEngine, settings: Settings, health: object) -> None:
     """Report the projection as lagging when the projector's last lag report is too high or too old."""
     serving: bool | None = None
     while True:
@@ -70,9 +58,9 @@ async def watch_projection(
             log.debug("projection status unavailable: %s", exc)
             ok = False
         if row is not None and row[0] is not None:
-            metrics.lag_events.set(row[0])
-            metrics.lag_seconds.set(row[1] or 0.0)
-        metrics.lagging.set(0 if ok else 1)
+            PROJECTION_LAG_EVENTS.set(row[0])
+            PROJECTION_LAG_SECONDS.set(row[1] or 0.0)
+        LAGGING.set(0 if ok else 1)
         if ok != serving:
             if not ok:
                 log.warning("projection is lagging or not reporting (lag events, seconds, report age: %s)", row)
@@ -93,14 +81,9 @@ async def serve(settings: Settings) -> None:
         servicer,
     )
     feed_task = asyncio.create_task(feed.run(), name="change-feed")
-    registry = CollectorRegistry()
-    metrics_port = serve_metrics(settings.query_metrics_addr, registry)
-    Gauge("orders_query_watch_streams", "Open WatchOrderSummaries streams", registry=registry).set_function(
-        lambda: feed.active_watches
-    )
-    projection_task = asyncio.create_task(
-        watch_projection(engine, settings, health, ProjectionMetrics(registry)), name="projection-health"
-    )
+    metrics_port = serve_metrics(settings.query_metrics_addr)
+    Gauge("orders_query_watch_streams", "Open WatchOrderSummaries streams").set_function(lambda: feed.active_watches)
+    projection_task = asyncio.create_task(watch_projection(engine, settings, health), name="projection-health")
     await server.start()
     await set_serving(health, [SERVICE.full_name], True)
     host = settings.query_addr.rpartition(":")[0]

@@ -45,7 +45,7 @@ def drain(base: Settings, batch: int, run: int, work: Path) -> float:
             "read_database_url": base.read_database_url.rsplit("/", 1)[0] + f"/bench_read_{batch}_{run}",
             "consumer": f"bench_{batch}_{run}",
             "projector_batch": batch,
-            "admin_addr": f"127.0.0.1:{local_stack.free_port()}",
+            **local_stack.free_addresses(),
             "log_level": "WARNING",
         }
     )

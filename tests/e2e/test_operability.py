@@ -8,7 +8,8 @@ from google.protobuf import descriptor_pool, json_format, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tests.support import Stack
+from orders.v1 import queries_pb2
+from tests.support import Stack, add_product, eventually, new_sku, place, scrape_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -53,3 +54,75 @@ def test_a_call_built_only_from_reflection(stack: Stack) -> None:
         )
         reply = json_format.MessageToDict(call(request, timeout=5), preserving_proto_field_name=True)
     assert reply["sku"] == "REFLECT-1" and reply["version"] == "1" and reply["consistency_token"]
+
+
+def counter(samples: dict[str, float], name: str, **labels: str) -> float:
+    """A sample's value (0 when absent), matched by name and labels in the exposition's sorted order."""
+    rendered = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    return samples.get(f"{name}{{{rendered}}}" if labels else name, 0.0)
+
+
+def test_every_process_serves_metrics_that_follow_the_traffic(stack: Stack) -> None:
+    settings = stack.settings
+
+    def scrape() -> dict[str, dict[str, float]]:
+        return {
+            "command": scrape_metrics(settings.command_metrics_addr),
+            "query": scrape_metrics(settings.query_metrics_addr),
+            "projector": scrape_metrics(settings.projector_metrics_addr),
+        }
+
+    def placed(s: dict[str, dict[str, float]]) -> float:
+        return counter(
+            s["command"], "orders_rpc_requests_total", code="OK", method="PlaceOrder", service="CommandService"
+        )
+
+    before = scrape()
+    sku = new_sku("M")
+    add_product(stack.commands, sku, stock=2)
+    orders = [place(stack.commands, "metrics", (sku, 1)) for _ in range(2)]
+    with pytest.raises(grpc.RpcError):
+        place(stack.commands, "metrics", (sku, 1))  # out of stock
+    stack.queries.GetOrderSummary(
+        queries_pb2.GetOrderSummaryRequest(
+            order_id=orders[-1].order_id, consistency_token=orders[-1].consistency_token
+        ),
+        timeout=10,
+    )
+    watch = stack.queries.WatchOrderSummaries(
+        queries_pb2.WatchOrderSummariesRequest(order_ids=[orders[0].order_id], include_snapshot=True), timeout=30
+    )
+    next(watch)
+    try:
+        after = eventually(
+            lambda: (
+                (s := scrape())["query"]["orders_query_watch_streams"] >= 1
+                and s["projector"]["orders_projector_events_applied_total"]
+                >= before["projector"]["orders_projector_events_applied_total"] + 4
+                and s
+            ),
+            10,
+            "metrics moved",
+        )
+    finally:
+        watch.cancel()
+    assert placed(after) == placed(before) + 2
+    refused = dict(code="FAILED_PRECONDITION", method="PlaceOrder", service="CommandService")
+    assert counter(after["command"], "orders_rpc_requests_total", **refused) == (
+        counter(before["command"], "orders_rpc_requests_total", **refused) + 1
+    )
+    latency = 'orders_rpc_duration_seconds_count{method="PlaceOrder",service="CommandService"}'
+    assert after["command"][latency] >= before["command"].get(latency, 0) + 3
+    assert (
+        after["command"]["orders_outbox_published_events_total"]
+        >= before["command"]["orders_outbox_published_events_total"] + 4  # product upsert + stock + 2 orders
+    )
+    assert after["command"]["orders_outbox_publish_seconds_count"] >= 4
+    assert "orders_outbox_backlog_events" in after["command"]
+    got = 'orders_rpc_duration_seconds_count{method="GetOrderSummary",service="QueryService"}'
+    assert after["query"][got] >= before["query"].get(got, 0) + 1
+    assert after["projector"]["orders_projector_batch_seconds_count"] > 0
+    assert "orders_projection_lag_events" in after["projector"]
+    assert "orders_projection_lag_events" in after["query"]
+    for process in after.values():
+        assert 0 < process["process_resident_memory_bytes"] < 1e9

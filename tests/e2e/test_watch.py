@@ -128,12 +128,7 @@ def test_a_watcher_that_stops_reading_is_cut_off_and_can_resume(stack: Stack, tm
     its client still is not reading; the client then finds the messages already in flight, followed
     by RESOURCE_EXHAUSTED, and resumes from the last sequence it saw without a gap.
     """
-    settings = replace(
-        stack.settings,
-        query_addr=f"127.0.0.1:{local_stack.free_port()}",
-        query_metrics_addr=f"127.0.0.1:{local_stack.free_port()}",
-        watch_queue_size=4,
-    )
+    settings = replace(stack.settings, **local_stack.free_addresses(), watch_queue_size=4)
     server = start_serving("query_service", settings, tmp_path)
     small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16 * 1024)]
     skus = [watched_product(stack) for _ in range(10)]
