@@ -14,7 +14,7 @@ from orders import db
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.metrics import serve_metrics
-from orders.runtime import configure_logging, stop_event
+from orders.runtime import run_service, stop_event
 from orders.v1 import commands_pb2
 
 log = logging.getLogger("command_service")
@@ -54,9 +54,7 @@ async def migrate(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = Settings.from_env()
-    configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    run_service(serve)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,19 @@ R = TypeVar("R", bound=Message)
 
 @dataclass(frozen=True)
 class CommandContext:
-    """Who asked: the request id (idempotency key, event causation) and the correlation id."""
+    """Who asked: the request id (idempotency key, event causation), the correlation id and trace context."""
 
     request_id: str
     correlation_id: str
+    traceparent: str = ""
 
     def events_at(self, moment: datetime) -> EventContext:
-        return EventContext(occurred_at=moment, correlation_id=self.correlation_id, causation_id=self.request_id)
+        return EventContext(
+            occurred_at=moment,
+            correlation_id=self.correlation_id,
+            causation_id=self.request_id,
+            traceparent=self.traceparent,
+        )
 
 
 def request_hash(request: Message) -> bytes:

@@ -53,6 +53,16 @@ def _parse_schedule(value: str) -> tuple[float, ...]:
     return delays
 
 
+def _parse_choice(*choices: str):  # type: ignore[no-untyped-def]
+    def parse(value: str) -> str:
+        for choice in choices:
+            if value.lower() == choice.lower():
+                return choice
+        raise ValueError(f"expected one of {', '.join(choices)}")
+
+    return parse
+
+
 def _setting(default: Any, parse: Any, doc: str) -> Any:
     return field(default=default, metadata={"parse": parse, "doc": doc})
 
@@ -128,7 +138,12 @@ class Settings:
         1000, _parse_positive_int, "Changes buffered per watch stream before a slow watcher is cut off."
     )
     db_pool_size: int = _setting(10, _parse_positive_int, "Database connections per process.")
-    log_level: str = _setting("INFO", str.upper, "Log level: DEBUG, INFO, WARNING or ERROR.")
+    log_level: str = _setting(
+        "INFO", _parse_choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level: DEBUG, INFO, WARNING or ERROR."
+    )
+    log_format: str = _setting(
+        "auto", _parse_choice("auto", "json", "text"), "Log lines as json, text, or auto (text on a terminal)."
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -144,12 +159,7 @@ class Settings:
                 values[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
                 raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
-        settings = cls(**values)
-        if settings.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(
-                f"{PREFIX}LOG_LEVEL={settings.log_level!r} is invalid: expected DEBUG, INFO, WARNING or ERROR"
-            )
-        return settings
+        return cls(**values)
 
     def to_env(self) -> dict[str, str]:
         """The ORDERS_* variables that reproduce these settings in a child process."""

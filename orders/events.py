@@ -50,6 +50,7 @@ class EventContext:
     occurred_at: datetime
     correlation_id: str
     causation_id: str
+    traceparent: str = ""  # W3C trace context of the command, carried in the NATS headers
 
 
 def build_event(
@@ -72,6 +73,8 @@ def build_event(
         HEADER_EVENT_TYPE: kind,
         HEADER_CORRELATION_ID: context.correlation_id,
     }
+    if context.traceparent:
+        headers[HEADER_TRACEPARENT] = context.traceparent
     return OutgoingEvent(
         event_id=envelope.event_id,
         subject=subject_for(aggregate_type, aggregate_id),

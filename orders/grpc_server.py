@@ -7,9 +7,8 @@ import functools
 import inspect
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import grpc
 from google.protobuf import message_factory
@@ -17,24 +16,24 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from orders import metrics
+from orders import correlation, metrics
 from orders.db import is_unavailable
 from orders.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
 CORRELATION_HEADER = "x-correlation-id"
+TRACEPARENT_HEADER = "traceparent"
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def correlation_id(context: grpc.aio.ServicerContext) -> str:
-    """The caller's x-correlation-id (at most 128 characters kept), or a fresh one."""
-    for key, value in context.invocation_metadata() or ():
-        if key == CORRELATION_HEADER and isinstance(value, str) and value:
-            return value[:128]
-    return str(uuid.uuid4())
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    for name, value in context.invocation_metadata() or ():
+        if name == key and isinstance(value, str):
+            return value
+    return None
 
 
 class MalformedRequest:
@@ -83,75 +82,97 @@ def _status_for(exc: Exception) -> grpc.Status | None:
     return None
 
 
-def rpc(method: F) -> F:
-    """Translate what a servicer method raises into a gRPC status, in this one place.
+class _Call:
+    """One call's bookkeeping: its correlation context, its metrics and its access log line."""
+
+    def __init__(self, service: str, method: str, access_log: int, context: grpc.aio.ServicerContext) -> None:
+        self.service, self.method, self.access_log, self.context = service, method, access_log, context
+        self.started = time.perf_counter()
+        self.correlation_id = correlation.correlation_id_from(_metadata(context, CORRELATION_HEADER))
+        # Each call runs in a task of its own, so these stay with this call and end with its task.
+        correlation.CORRELATION_ID.set(self.correlation_id)
+        correlation.TRACEPARENT.set(correlation.child_traceparent(_metadata(context, TRACEPARENT_HEADER)))
+        context.set_trailing_metadata(((CORRELATION_HEADER, self.correlation_id),))
+
+    def finish(self, code: grpc.StatusCode) -> None:
+        elapsed = time.perf_counter() - self.started
+        metrics.RPCS.labels(self.service, self.method, code.name).inc()
+        metrics.RPC_SECONDS.labels(self.service, self.method).observe(elapsed)
+        log.log(self.access_log, "%s.%s %s in %.1f ms", self.service, self.method, code.name, elapsed * 1000)
+
+    async def fail(self, exc: Exception) -> None:
+        """End the call with the status exc stands for (INTERNAL, logged with its trace, when unknown)."""
+        status = _status_for(exc)
+        if status is None:
+            log.exception("unexpected error in %s.%s", self.service, self.method)
+            self.finish(grpc.StatusCode.INTERNAL)
+            await self.context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            return
+        if isinstance(exc, Unavailable) or not isinstance(exc, DomainError):
+            log.warning("%s.%s unavailable: %s", self.service, self.method, exc)
+        self.finish(status.code)
+        await self.context.abort(
+            status.code, status.details, ((CORRELATION_HEADER, self.correlation_id), *status.trailing_metadata)
+        )
+
+
+@overload
+def rpc(method: F, *, access_log: int = ...) -> F: ...
+@overload
+def rpc(*, access_log: int = ...) -> Callable[[F], F]: ...
+
+
+def rpc(method: F | None = None, *, access_log: int = logging.DEBUG) -> Any:
+    """Wrap a servicer method: correlation context, metrics, access log, and errors mapped to statuses.
 
     DomainError → its code with google.rpc details; an unreachable database → UNAVAILABLE; anything
     else → INTERNAL with a generic message (the stack trace goes to the log, never to the client).
-    Works for unary methods and for server-streaming async generators.
+    Every answer carries the call's x-correlation-id in its trailing metadata. Works for unary methods
+    and for server-streaming async generators; access_log is the level of the per-call log line.
     """
-    name = method.__qualname__
-    service, _, method_name = name.rpartition(".")
-    seconds = metrics.RPC_SECONDS.labels(service, method_name)
-
-    def count(code: grpc.StatusCode) -> None:
-        metrics.RPCS.labels(service, method_name, code.name).inc()
-
-    async def fail(exc: Exception, context: grpc.aio.ServicerContext) -> None:
-        status = _status_for(exc)
-        if status is None:
-            log.exception("unexpected error in %s", name)
-            count(grpc.StatusCode.INTERNAL)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
-        else:
-            if isinstance(exc, Unavailable) or not isinstance(exc, DomainError):
-                log.warning("%s unavailable: %s", name, exc)
-            count(status.code)
-            await context.abort_with_status(status)
+    if method is None:
+        return functools.partial(rpc, access_log=access_log)
+    service, _, name = method.__qualname__.rpartition(".")
 
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
+            call = _Call(service, name, access_log, context)
             try:
                 if isinstance(request, MalformedRequest):
                     raise request.to_error()
                 async for item in method(self, request, context):
                     yield item
-                count(grpc.StatusCode.OK)
+                call.finish(grpc.StatusCode.OK)
             except grpc.aio.AbortError:
                 raise
             except (asyncio.CancelledError, GeneratorExit):
-                count(grpc.StatusCode.CANCELLED)
+                call.finish(grpc.StatusCode.CANCELLED)
                 raise
             except Exception as exc:
-                await fail(exc, context)
-            finally:
-                seconds.observe(time.perf_counter() - started)
+                await call.fail(exc)
 
-        return stream_wrapper  # type: ignore[return-value]
+        return stream_wrapper
 
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
+        call = _Call(service, name, access_log, context)
         try:
             if isinstance(request, MalformedRequest):
                 raise request.to_error()
             result = await method(self, request, context)
-            count(grpc.StatusCode.OK)
+            call.finish(grpc.StatusCode.OK)
             return result
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
-            count(grpc.StatusCode.CANCELLED)
+            call.finish(grpc.StatusCode.CANCELLED)
             raise
         except Exception as exc:
-            await fail(exc, context)
-        finally:
-            seconds.observe(time.perf_counter() - started)
+            await call.fail(exc)
 
-    return unary_wrapper  # type: ignore[return-value]
+    return unary_wrapper
 
 
 def create_server(

@@ -3,17 +3,71 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from orders.config import ConfigError, Settings
+from orders.correlation import CORRELATION_ID, TRACEPARENT
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s]: %(message)s"
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+class ContextFilter(logging.Filter):
+    """Give every record the current correlation id and traceparent (unless the call passed its own)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "correlation_id", ""):
+            record.correlation_id = CORRELATION_ID.get() or "-"
+        if not getattr(record, "traceparent", ""):
+            record.traceparent = TRACEPARENT.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, correlation_id, traceparent, exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "correlation_id": getattr(record, "correlation_id", "-"),
+        }
+        traceparent = getattr(record, "traceparent", "")
+        if traceparent:
+            entry["traceparent"] = traceparent
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, log_format: str = "auto", stream: TextIO | None = None) -> None:
+    """Log to stderr: JSON lines ("json"), or readable text ("text"); "auto" picks text on a terminal."""
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    if log_format == "text" or (log_format == "auto" and stream.isatty()):
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    else:
+        handler.setFormatter(JsonFormatter())
+    handler.addFilter(ContextFilter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def run_service(serve: Callable[[Settings], Coroutine[Any, Any, None]]) -> None:
+    """A service's main(): settings from the environment (exit 2 naming a bad variable), logging, run."""
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
 
 
 def stop_event() -> asyncio.Event:

@@ -14,7 +14,7 @@ from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
 from orders.read_model import metadata
-from orders.runtime import configure_logging, stop_event
+from orders.runtime import run_service, stop_event
 from orders.v1 import admin_pb2
 from projector import lag
 from projector.admin import AdminService
@@ -97,9 +97,7 @@ async def migrate(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = Settings.from_env()
-    configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    run_service(serve)
 
 
 if __name__ == "__main__":

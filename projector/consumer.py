@@ -34,8 +34,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders import jetstream
 from orders.config import Settings
+from orders.correlation import child_traceparent
 from orders.db import is_unavailable
-from orders.events import UndecodableEvent, parse_event
+from orders.events import HEADER_CORRELATION_ID, HEADER_TRACEPARENT, UndecodableEvent, parse_event
 from orders.read_model import CHANGES_CHANNEL
 from projector import dead_letters
 from projector.projections import Change, Item, NeverApplicable, Outcome, apply_events, check_applicable
@@ -99,6 +100,14 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[psycopg.AsyncConnect
     async with engine.begin() as conn:
         raw = await conn.get_raw_connection()
         yield raw.driver_connection  # type: ignore[misc]
+
+
+def event_trace(msg: Msg, event: Any) -> dict[str, str]:
+    """Log fields tying a line about an event to the command that caused it (correlation id, trace)."""
+    return {
+        "correlation_id": event.correlation_id if event is not None else "",
+        "traceparent": child_traceparent((msg.headers or {}).get(HEADER_TRACEPARENT)),
+    }
 
 
 def _dead_letter(msg: Msg, event: Any, status: str, reason: str) -> dead_letters.DeadLetter:
@@ -319,6 +328,16 @@ class Projector:
             await dead_letters.record(conn, letters)
             await signal_changes(conn, changes)
         applied = sum(1 for _, item in items if item.outcome is Outcome.APPLIED)
+        if log.isEnabledFor(logging.DEBUG):
+            for msg, item in items:
+                if item.outcome is Outcome.APPLIED:
+                    log.debug(
+                        "applied %s/%s v%d (stream sequence %d)",
+                        *item.aggregate,
+                        item.event.aggregate_version,
+                        item.seq,
+                        extra=event_trace(msg, item.event),
+                    )
         self.applied_total += applied
         APPLIED.inc(applied)
         DUPLICATES.inc(sum(1 for _, item in items if item.outcome is Outcome.DUPLICATE))
@@ -334,6 +353,10 @@ class Projector:
                     letter.aggregate_id,
                     letter.aggregate_version,
                     letter.reason,
+                    extra={
+                        "correlation_id": letter.headers.get(HEADER_CORRELATION_ID, ""),
+                        "traceparent": child_traceparent(letter.headers.get(HEADER_TRACEPARENT)),
+                    },
                 )
         by_seq = {msg.metadata.sequence.stream: msg for msg in msgs}
         return [by_seq[letter.stream_seq] for letter in letters]

@@ -14,7 +14,7 @@ from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
 from orders.read_model import projection_checkpoints
-from orders.runtime import configure_logging, stop_event
+from orders.runtime import run_service, stop_event
 from orders.v1 import queries_pb2
 from query_service.changes import ChangeFeed
 from query_service.service import QueryService
@@ -102,9 +102,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = Settings.from_env()
-    configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    run_service(serve)
 
 
 if __name__ == "__main__":

@@ -75,3 +75,48 @@ def test_undecodable_and_contradictory_events_are_permanent_errors() -> None:
     )
     with pytest.raises(NeverApplicable):
         check_applicable(wrong_aggregate)
+
+
+def test_logs_are_json_lines_unless_written_to_a_terminal() -> None:
+    import io
+    import json
+    import logging
+
+    from orders.correlation import bound, child_traceparent
+    from orders.runtime import configure_logging
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    pipe, terminal = io.StringIO(), Terminal()
+    trace = child_traceparent(None)
+    try:
+        for stream in (pipe, terminal):
+            configure_logging("INFO", "auto", stream)
+            with bound("corr-1", trace):
+                logging.getLogger("orders.test").info("hello %s", "world")
+    finally:
+        logging.getLogger().handlers.clear()
+    entry = json.loads(pipe.getvalue())
+    assert (entry["message"], entry["level"], entry["correlation_id"], entry["traceparent"]) == (
+        "hello world",
+        "INFO",
+        "corr-1",
+        trace,
+    )
+    assert "INFO orders.test [corr-1]: hello world" in terminal.getvalue()
+
+
+def test_trace_context_continues_the_callers_trace_or_starts_one() -> None:
+    from orders.correlation import child_traceparent, correlation_id_from
+
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    child = child_traceparent(parent)
+    assert child.split("-")[1] == parent.split("-")[1] and child.split("-")[2] != parent.split("-")[2]
+    for broken in (None, "", "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01"):
+        fresh = child_traceparent(broken)
+        assert len(fresh) == 55 and fresh.split("-")[1] != "0" * 32
+    assert correlation_id_from("order-42") == "order-42"
+    assert correlation_id_from("x" * 129) != "x" * 129
+    assert correlation_id_from("has space") != "has space"
