@@ -8,9 +8,8 @@ import logging
 
 from command_service.handlers import CommandHandlers
 from command_service.outbox import OutboxRelay
-from command_service.schema import metadata
 from command_service.service import CommandService
-from orders import db
+from orders import db, migrations
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.metrics import serve_metrics
@@ -22,6 +21,7 @@ SERVICE = commands_pb2.DESCRIPTOR.services_by_name["CommandService"]
 
 
 async def serve(settings: Settings) -> None:
+    await asyncio.to_thread(migrations.require_current, settings.write_database_url, migrations.WRITE, "write")
     stop = stop_event()
     engine = db.create_engine(settings.write_database_url, settings.db_pool_size, "orders-command")
     relay = OutboxRelay(settings)
@@ -47,10 +47,6 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await relay_task
         await engine.dispose()
-
-
-async def migrate(settings: Settings) -> None:
-    await db.create_schema(settings.write_database_url, metadata)
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from orders import migrations
 from orders.config import ConfigError, Settings, describe
 
 # ---- services and local stack -------------------------------------------------------------------
@@ -29,16 +30,8 @@ def _run_module(module: str) -> Callable[[argparse.Namespace, Settings], int]:
     return run
 
 
-async def _migrate(settings: Settings) -> None:
-    from command_service.__main__ import migrate as migrate_write
-    from projector.__main__ import migrate as migrate_read
-
-    await migrate_write(settings)
-    await migrate_read(settings)
-
-
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    asyncio.run(_migrate(settings))
+    asyncio.run(migrations.migrate(settings))
     print("schemas of the write and read databases are up to date")
     return 0
 
@@ -78,7 +71,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             )
             print(f"PostgreSQL  {pg.url('')}  (pid {pg.process.pid})")
             print(f"NATS        {nats.url}  (pid {nats.process.pid}, JetStream)")
-        asyncio.run(_migrate(settings))
+        asyncio.run(migrations.migrate(settings))
         env = settings.to_env()
         for module in local_stack.SERVICES:
             started.append(local_stack.start_service(module, env, data_dir / "logs"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import psycopg
-import sqlalchemy as sa
 from psycopg import sql
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
@@ -61,14 +60,3 @@ async def ensure_database(url: str) -> bool:
         except psycopg.errors.DuplicateDatabase:
             return False
         return True
-
-
-async def create_schema(url: str, metadata: sa.MetaData) -> None:
-    """Create the tables and indexes of metadata that do not exist yet."""
-    await ensure_database(url)
-    engine = create_engine(url, pool_size=1, application_name="orders-migrate")
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-    finally:
-        await engine.dispose()

@@ -13,6 +13,7 @@ from typing import Any, TextIO
 
 from orders.config import ConfigError, Settings
 from orders.correlation import CORRELATION_ID, TRACEPARENT
+from orders.migrations import NotMigrated
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(correlation_id)s]: %(message)s"
 
@@ -67,7 +68,11 @@ def run_service(serve: Callable[[Settings], Coroutine[Any, Any, None]]) -> None:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except NotMigrated as exc:
+        logging.getLogger("orders").error("not starting: %s", exc)
+        raise SystemExit(1) from None
 
 
 def stop_event() -> asyncio.Event:

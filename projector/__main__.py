@@ -9,11 +9,10 @@ from typing import Any
 
 import psycopg
 
-from orders import db
+from orders import db, migrations
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
-from orders.read_model import metadata
 from orders.runtime import run_service, stop_event
 from orders.v1 import admin_pb2
 from projector import lag
@@ -64,6 +63,7 @@ async def prune_changes(conn: psycopg.AsyncConnection[Any], retention: float) ->
 
 
 async def serve(settings: Settings) -> None:
+    await asyncio.to_thread(migrations.require_current, settings.read_database_url, migrations.READ, "read")
     stop = stop_event()
     engine = db.create_engine(settings.read_database_url, settings.db_pool_size, "orders-projector")
     projector = Projector(settings, engine)
@@ -90,10 +90,6 @@ async def serve(settings: Settings) -> None:
         await server.stop(grace=2)
         await engine.dispose()
         log.info("projector stopped after applying %d events", projector.applied_total)
-
-
-async def migrate(settings: Settings) -> None:
-    await db.create_schema(settings.read_database_url, metadata)
 
 
 def main() -> None:

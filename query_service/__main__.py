@@ -9,7 +9,7 @@ import logging
 import sqlalchemy as sa
 from prometheus_client import Gauge
 
-from orders import db
+from orders import db, migrations
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
@@ -70,6 +70,7 @@ async def watch_projection(engine: db.AsyncEngine, settings: Settings, health: o
 
 
 async def serve(settings: Settings) -> None:
+    await asyncio.to_thread(migrations.require_current, settings.read_database_url, migrations.READ, "read")
     stop = stop_event()
     engine = db.create_engine(settings.read_database_url, settings.db_pool_size, "orders-query")
     read_model = ReadModel(engine)

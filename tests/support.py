@@ -16,11 +16,9 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from command_service.schema import metadata as write_metadata
-from orders import db, jetstream, local_stack
+from orders import jetstream, local_stack, migrations
 from orders.config import Settings
 from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, timestamp
-from orders.read_model import metadata as read_metadata
 from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2, events_pb2, queries_pb2_grpc
 
 T = TypeVar("T")
@@ -66,8 +64,7 @@ def isolated_settings(infra: Infra, **overrides: Any) -> Settings:
 
 
 async def migrate(settings: Settings) -> None:
-    await db.create_schema(settings.write_database_url, write_metadata)
-    await db.create_schema(settings.read_database_url, read_metadata)
+    await migrations.migrate(settings)
 
 
 SERVICE_ADDRESS = {"command_service": "command_addr", "query_service": "query_addr", "projector": "admin_addr"}

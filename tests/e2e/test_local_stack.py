@@ -73,10 +73,7 @@ def test_up_serves_the_cli_stops_on_ctrl_c_and_keeps_data(tmp_path: Path) -> Non
         pytest.skip("orders up starts the embedded servers; this backend provides its own")
     env = {
         **os.environ,
-        "ORDERS_COMMAND_ADDR": f"127.0.0.1:{local_stack.free_port()}",
-        "ORDERS_QUERY_ADDR": f"127.0.0.1:{local_stack.free_port()}",
-        "ORDERS_ADMIN_ADDR": f"127.0.0.1:{local_stack.free_port()}",
-        "ORDERS_QUERY_METRICS_ADDR": f"127.0.0.1:{local_stack.free_port()}",
+        **{f"ORDERS_{name.upper()}": address for name, address in local_stack.free_addresses().items()},
     }
     data_dir = tmp_path / "data"
 

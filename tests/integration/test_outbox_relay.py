@@ -209,7 +209,7 @@ def test_only_one_relay_publishes_and_another_takes_over(
     settings = isolated_settings(infra, nats_url=own_nats.url)
     asyncio.run(migrate(settings))
     first = CommandProcess(settings, tmp_path / "a")
-    second_settings = Settings(**{**settings.__dict__, "command_addr": f"127.0.0.1:{local_stack.free_port()}"})
+    second_settings = Settings(**{**settings.__dict__, **local_stack.free_addresses()})
     second = CommandProcess(second_settings, tmp_path / "b")
     try:
         eventually(lambda: relay_holder(settings) == f"orders-relay-{first.proc.pid}", 10, "first relay leads")

@@ -85,7 +85,7 @@ def test_two_projectors_on_one_consumer_equal_one_projector(
         asyncio.run(migrate(settings))
     procs = [
         start_projector(pair, tmp_path / "a"),
-        start_projector(with_changes(pair, admin_addr=f"127.0.0.1:{local_stack.free_port()}"), tmp_path / "b"),
+        start_projector(with_changes(pair, **local_stack.free_addresses()), tmp_path / "b"),
         start_projector(single, tmp_path / "c"),
     ]
     try:
