@@ -73,6 +73,11 @@ class OutboxRelay:
         self.published_total = 0
         self.duplicates_total = 0
         self.is_leader = False
+        self._nc: NATS | None = None
+
+    async def probe(self) -> str | None:
+        """Health probe: None while connected to NATS."""
+        return None if self._nc is not None and self._nc.is_connected else "outbox relay not connected to NATS"
 
     def wake(self) -> None:
         self._wake.set()
@@ -89,7 +94,7 @@ class OutboxRelay:
                 await asyncio.sleep(1.0)
 
     async def _run_connected(self) -> None:
-        nc = await jetstream.connect(self._settings.nats_url, "orders-command-relay")
+        nc = self._nc = await jetstream.connect(self._settings.nats_url, "orders-command-relay")
         try:
             await self._ensure_stream(nc)
             js = nc.jetstream(timeout=5)

@@ -297,14 +297,20 @@ def start_service(module: str, env: Mapping[str, str], log_dir: Path) -> Managed
     return _spawn(module, [sys.executable, "-m", module], log_dir / f"{module}.log", env=full_env)
 
 
-def grpc_serving(address: str, timeout: float = 1.0) -> bool:
-    """True when the gRPC health service at address answers SERVING."""
+def grpc_health(address: str, service: str = "", timeout: float = 1.0) -> str | None:
+    """The health status name (SERVING, NOT_SERVING, ...) of service at address; None when it does not answer."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            request = health_pb2.HealthCheckRequest(service=service)
+            reply = health_pb2_grpc.HealthStub(channel).Check(request, timeout=timeout)
         except grpc.RpcError:
-            return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+            return None
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+def grpc_serving(address: str, timeout: float = 1.0) -> bool:
+    """True when the gRPC health service at address answers SERVING."""
+    return grpc_health(address, timeout=timeout) == "SERVING"

@@ -9,9 +9,9 @@ from typing import Any
 
 import psycopg
 
-from orders import db, migrations
+from orders import db, migrations, readiness
 from orders.config import Settings
-from orders.grpc_server import create_server, set_serving
+from orders.grpc_server import create_server
 from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
 from orders.runtime import run_service, stop_event
 from orders.v1 import admin_pb2
@@ -21,31 +21,23 @@ from projector.consumer import PROJECTION_NAME, Projector, transaction
 
 log = logging.getLogger("projector")
 SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
-MONITOR_INTERVAL = 2.0
+HOUSEKEEPING_INTERVAL = 2.0
 
 
-async def monitor(projector: Projector, settings: Settings, engine: db.AsyncEngine, health: object) -> None:
-    """Every few seconds: health from NATS and database reachability; lag measured and recorded."""
-    serving: bool | None = None
+async def housekeeping(projector: Projector, settings: Settings, engine: db.AsyncEngine) -> None:
+    """Every few seconds: measure and record the lag (for `orders lag` and the query side), prune changes."""
     while True:
-        ok = projector.nc is not None and projector.nc.is_connected
         try:
             async with transaction(engine) as conn:
-                await conn.execute("SELECT 1")
-                if ok and projector.nc is not None:
+                if projector.nc is not None and projector.nc.is_connected:
                     measured = await lag.measure(projector.nc, settings)
                     await lag.record(conn, PROJECTION_NAME, measured)
                     PROJECTION_LAG_EVENTS.set(measured.events)
                     PROJECTION_LAG_SECONDS.set(measured.seconds)
                 await prune_changes(conn, settings.change_retention)
         except Exception as exc:
-            if serving is not False:
-                log.warning("projector unhealthy: %s", exc)
-            ok = False
-        if ok != serving:
-            await set_serving(health, [SERVICE.full_name], ok)  # type: ignore[arg-type]
-            serving = ok
-        await asyncio.sleep(MONITOR_INTERVAL)
+            log.debug("housekeeping skipped: %s", exc)
+        await asyncio.sleep(HOUSEKEEPING_INTERVAL)
 
 
 PRUNE_BATCH = 10_000
@@ -63,16 +55,20 @@ async def prune_changes(conn: psycopg.AsyncConnection[Any], retention: float) ->
 
 
 async def serve(settings: Settings) -> None:
-    await asyncio.to_thread(migrations.require_current, settings.read_database_url, migrations.READ, "read")
     stop = stop_event()
     engine = db.create_engine(settings.read_database_url, settings.db_pool_size, "orders-projector")
     projector = Projector(settings, engine)
     server, port, health = create_server(settings.admin_addr, SERVICE, AdminService(settings, engine, projector))
+    database = readiness.DatabaseProbe(engine, settings.read_database_url, migrations.READ, "read")
+    statuses: dict[str, list[readiness.Probe]] = {
+        "": [database, projector.probe],
+        SERVICE.full_name: [database, projector.probe],
+    }
+    health_task = await readiness.follow(health, statuses)  # raises NotMigrated before consuming
+    consumer = asyncio.create_task(projector.run(stop), name="consumer")
     await server.start()
     metrics_port = serve_metrics(settings.projector_metrics_addr)
-    consumer = asyncio.create_task(projector.run(stop), name="consumer")
-    await set_serving(health, [SERVICE.full_name], False)
-    watcher = asyncio.create_task(monitor(projector, settings, engine, health), name="monitor")
+    chores = asyncio.create_task(housekeeping(projector, settings, engine), name="housekeeping")
     log.info(
         "projector consuming %s as %s; AdminService on %s:%d; metrics on port %d",
         settings.stream,
@@ -82,11 +78,14 @@ async def serve(settings: Settings) -> None:
         metrics_port,
     )
     try:
-        await consumer
+        await readiness.until_stopped(stop, health_task, consumer)
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        stop.set()
+        await consumer
+        for task in (health_task, chores):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await server.stop(grace=2)
         await engine.dispose()
         log.info("projector stopped after applying %d events", projector.applied_total)

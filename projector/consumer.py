@@ -141,6 +141,10 @@ class Projector:
         self.dead_lettered_total = 0
         self.nc: NATS | None = None
 
+    async def probe(self) -> str | None:
+        """Health probe: None while connected to NATS."""
+        return None if self.nc is not None and self.nc.is_connected else "not connected to NATS"
+
     def retry_delay(self, deliveries: int) -> float:
         schedule = self._settings.retry_backoff
         return schedule[min(max(deliveries, 1), len(schedule)) - 1]

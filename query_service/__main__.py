@@ -9,7 +9,7 @@ import logging
 import sqlalchemy as sa
 from prometheus_client import Gauge
 
-from orders import db, migrations
+from orders import db, migrations, readiness
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
@@ -25,19 +25,20 @@ SERVICE = queries_pb2.DESCRIPTOR.services_by_name["QueryService"]
 
 
 PROJECTION_HEALTH = "projection"  # health service name: NOT_SERVING while the projection lags
-PROJECTION_CHECK_INTERVAL = 2.0
 
 
 LAGGING = Gauge("orders_projection_lagging", "1 while the projection counts as lagging")
 
 
-async def watch_projection(engine: db.AsyncEngine, settings: Settings, health: object) -> None:
-    """Report the projection as lagging when the projector's last lag report is too high or too old."""
-    serving: bool | None = None
-    while True:
-        row = None
+class ProjectionProbe:
+    """Lagging when the projector's last lag report is too high or too old; also updates the gauges."""
+
+    def __init__(self, engine: db.AsyncEngine, settings: Settings) -> None:
+        self._engine, self._settings = engine, settings
+
+    async def __call__(self) -> str | None:
         try:
-            async with engine.connect() as conn:
+            async with self._engine.connect() as conn:
                 row = (
                     await conn.execute(
                         sa.select(
@@ -47,32 +48,30 @@ async def watch_projection(engine: db.AsyncEngine, settings: Settings, health: o
                         )
                     )
                 ).first()
-            ok = (
-                row is not None
-                and row[0] is not None
-                and row[0] <= settings.lag_alert_events
-                and row[1] <= settings.lag_alert_seconds
-                and float(row[2]) <= settings.lag_alert_seconds
-            )
         except Exception as exc:
-            log.debug("projection status unavailable: %s", exc)
-            ok = False
-        if row is not None and row[0] is not None:
-            PROJECTION_LAG_EVENTS.set(row[0])
-            PROJECTION_LAG_SECONDS.set(row[1] or 0.0)
-        LAGGING.set(0 if ok else 1)
-        if ok != serving:
-            if not ok:
-                log.warning("projection is lagging or not reporting (lag events, seconds, report age: %s)", row)
-            await set_serving(health, [PROJECTION_HEALTH], ok, overall=False)  # type: ignore[arg-type]
-            serving = ok
-        await asyncio.sleep(PROJECTION_CHECK_INTERVAL)
+            LAGGING.set(1)
+            return f"projection status unavailable ({type(exc).__name__})"
+        if row is None or row[0] is None:
+            LAGGING.set(1)
+            return "the projector has not reported its lag yet"
+        events, seconds, age = row[0], row[1] or 0.0, float(row[2])
+        PROJECTION_LAG_EVENTS.set(events)
+        PROJECTION_LAG_SECONDS.set(seconds)
+        settings = self._settings
+        lagging = events > settings.lag_alert_events or seconds > settings.lag_alert_seconds
+        stale = age > settings.lag_alert_seconds
+        LAGGING.set(1 if lagging or stale else 0)
+        if lagging:
+            return f"projection lags {events} events / {seconds:.1f}s"
+        if stale:
+            return f"the projector's last lag report is {age:.0f}s old"
+        return None
 
 
 async def serve(settings: Settings) -> None:
-    await asyncio.to_thread(migrations.require_current, settings.read_database_url, migrations.READ, "read")
     stop = stop_event()
     engine = db.create_engine(settings.read_database_url, settings.db_pool_size, "orders-query")
+    database = readiness.DatabaseProbe(engine, settings.read_database_url, migrations.READ, "read")
     read_model = ReadModel(engine)
     feed = ChangeFeed(settings.read_database_url, read_model)
     servicer = QueryService(read_model, feed, settings.read_wait_max, settings.watch_queue_size)
@@ -84,18 +83,23 @@ async def serve(settings: Settings) -> None:
     feed_task = asyncio.create_task(feed.run(), name="change-feed")
     metrics_port = serve_metrics(settings.query_metrics_addr)
     Gauge("orders_query_watch_streams", "Open WatchOrderSummaries streams").set_function(lambda: feed.active_watches)
-    projection_task = asyncio.create_task(watch_projection(engine, settings, health), name="projection-health")
+    statuses: dict[str, list[readiness.Probe]] = {
+        "": [database, feed.probe],
+        SERVICE.full_name: [database, feed.probe],
+        PROJECTION_HEALTH: [ProjectionProbe(engine, settings)],
+    }
+    health_task = await readiness.follow(health, statuses)  # raises NotMigrated before serving
     await server.start()
-    await set_serving(health, [SERVICE.full_name], True)
     host = settings.query_addr.rpartition(":")[0]
     log.info("QueryService listening on %s:%d; metrics on port %d", host, port, metrics_port)
     try:
-        await stop.wait()
+        await readiness.until_stopped(stop, health_task)
     finally:
         log.info("stopping: no new calls, finishing in-flight ones")
+        health_task.cancel()
         await set_serving(health, [SERVICE.full_name], False)
         await server.stop(grace=2)
-        for task in (feed_task, projection_task):
+        for task in (feed_task, health_task):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

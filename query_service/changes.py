@@ -97,6 +97,10 @@ class ChangeFeed:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    async def probe(self) -> str | None:
+        """Health probe: None while listening for the projector's signals."""
+        return None if self.connected.is_set() else "change listener not connected to the read database"
+
     def _wake_everyone(self) -> None:
         for waiter in self._waiters:
             waiter.event.set()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sysconfig
+from pathlib import Path
+
 import grpc
 import pytest
 from google.protobuf import descriptor_pool, json_format, message_factory
@@ -9,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from orders.v1 import queries_pb2
-from tests.support import Stack, add_product, eventually, new_sku, place, scrape_metrics
+from tests.support import Stack, add_product, eventually, new_id, new_sku, place, scrape_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -126,3 +131,52 @@ def test_every_process_serves_metrics_that_follow_the_traffic(stack: Stack) -> N
     assert "orders_projection_lag_events" in after["query"]
     for process in after.values():
         assert 0 < process["process_resident_memory_bytes"] < 1e9
+
+
+def buf_curl(address: str, method: str, body: dict[str, object], *headers: str) -> dict[str, object]:
+    """Call method with buf curl, which learns the schema from the server's reflection (no proto files)."""
+    args = [str(Path(sysconfig.get_path("scripts")) / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
+    for header in headers:
+        args += ["-H", header]
+    result = subprocess.run(
+        [*args, "-d", json.dumps(body), f"http://{address}/{method}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",  # away from protos/: nothing but reflection to go on
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_buf_curl_places_an_order_and_reads_it_back_through_reflection_only(stack: Stack) -> None:
+    commands, queries = stack.settings.command_addr, stack.settings.query_addr
+    sku = new_sku("B")
+    product = {
+        "requestId": new_id(),
+        "sku": sku,
+        "name": "buf curl",
+        "unitPrice": {"currencyCode": "EUR", "minorUnits": 250},
+    }
+    buf_curl(commands, "orders.v1.CommandService/UpsertProduct", product)
+    buf_curl(commands, "orders.v1.CommandService/UpdateInventory", {"requestId": new_id(), "sku": sku, "setLevel": 3})
+    placed = buf_curl(
+        commands,
+        "orders.v1.CommandService/PlaceOrder",
+        {"requestId": new_id(), "customerId": "buf-user", "lines": [{"sku": sku, "quantity": 2}]},
+        "x-correlation-id: buf-curl-1",
+    )
+    got = buf_curl(
+        queries,
+        "orders.v1.QueryService/GetOrderSummary",
+        {"orderId": placed["orderId"], "consistencyToken": placed["consistencyToken"]},
+    )
+    summary = got["summary"]
+    assert isinstance(summary, dict)
+    assert (summary["customerId"], summary["total"], summary["status"]) == (
+        "buf-user",
+        {"currencyCode": "EUR", "minorUnits": "500"},
+        "ORDER_STATUS_PLACED",
+    )
+    health = buf_curl(queries, "grpc.health.v1.Health/Check", {"service": "orders.v1.QueryService"})
+    assert health == {"status": "SERVING"}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,8 +16,19 @@ from grpc_status import rpc_status
 
 from orders import local_stack
 from orders.db import libpq_url
-from orders.v1 import commands_pb2, common_pb2
-from tests.support import Infra, Stack, add_product, bad_fields, isolated_settings, new_id, new_sku, start_serving
+from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2
+from tests.support import (
+    Infra,
+    Stack,
+    add_product,
+    bad_fields,
+    eventually,
+    isolated_settings,
+    migrate,
+    new_id,
+    new_sku,
+    start_serving,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -169,13 +182,14 @@ def test_not_found_precondition_and_reuse_errors(stack: Stack) -> None:
     assert stock_of(stack, sku)[0] == 3
 
 
-def test_database_down_is_unavailable(infra: Infra, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A command service whose database does not answer fails calls with UNAVAILABLE, never INTERNAL."""
+def test_database_unreachable_at_start_is_not_serving_and_unavailable(infra: Infra, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A command service whose database does not answer serves NOT_SERVING and fails calls with UNAVAILABLE."""
     settings = isolated_settings(
         infra, write_database_url=f"postgresql://postgres@127.0.0.1:{local_stack.free_port()}/x"
     )
-    proc = start_serving("command_service", settings, tmp_path)
+    proc = local_stack.start_service("command_service", settings.to_env(), tmp_path)
     try:
+        assert eventually(lambda: local_stack.grpc_health(settings.command_addr), 30, "health answers") == "NOT_SERVING"
         with grpc.insecure_channel(settings.command_addr) as channel:
             place = channel.unary_unary(
                 "/orders.v1.CommandService/PlaceOrder",
@@ -187,6 +201,38 @@ def test_database_down_is_unavailable(infra: Infra, tmp_path) -> None:  # type: 
         assert "Traceback" not in (err.details() or "")
     finally:
         proc.stop()
+
+
+def test_health_follows_the_write_database_and_commands_recover_without_a_restart(infra: Infra, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pg = local_stack.start_postgres(tmp_path / "pg", durable=False)
+    settings = isolated_settings(infra, write_database_url=pg.url("orders_write"))
+    proc = None
+    try:
+        asyncio.run(migrate(settings))
+        proc = start_serving("command_service", settings, tmp_path)
+        stub = commands_pb2_grpc.CommandServiceStub(grpc.insecure_channel(settings.command_addr))
+        sku = new_sku("H")
+        add_product(stub, sku, stock=10)
+        pg.stop()
+        eventually(lambda: local_stack.grpc_health(settings.command_addr) == "NOT_SERVING", 10, "NOT_SERVING")
+        started = time.monotonic()
+        refused = error_of(stub.PlaceOrder, order_request("h", (sku, 1)))
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 8
+        assert local_stack.grpc_health(settings.command_addr, "relay") == "SERVING"  # NATS is fine
+        pg = local_stack.start_postgres(tmp_path / "pg", pg.port, durable=False)
+        eventually(lambda: local_stack.grpc_serving(settings.command_addr), 10, "SERVING again")
+        assert eventually(lambda: _place_or_none(stub, order_request("h", (sku, 1))), 10, "a command succeeds")
+    finally:
+        if proc is not None:
+            proc.stop()
+        pg.stop()
+
+
+def _place_or_none(stub: commands_pb2_grpc.CommandServiceStub, request: commands_pb2.PlaceOrderRequest) -> object:
+    try:
+        return stub.PlaceOrder(request, timeout=5)
+    except grpc.RpcError:
+        return None
 
 
 # --- 3. idempotency -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -20,12 +21,42 @@ def test_generated_code_is_up_to_date() -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_buf_lint_passes_with_default_rules() -> None:
-    buf = Path(sysconfig.get_path("scripts")) / "buf"
-    if not buf.exists():
+def buf(*args: str, cwd: Path = ROOT / "protos") -> subprocess.CompletedProcess[str]:
+    binary = Path(sysconfig.get_path("scripts")) / "buf"
+    if not binary.exists():
         pytest.fail("buf not installed: pip install -e '.[dev]' (buf-bin)")
-    result = subprocess.run([str(buf), "lint"], cwd=ROOT / "protos", capture_output=True, text=True)
+    return subprocess.run([str(binary), *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_buf_lint_passes_with_default_rules() -> None:
+    result = buf("lint")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+RELEASED = ROOT / "protos" / "released.binpb"  # image of the last released contract, replaced only on purpose
+
+
+def test_no_breaking_change_since_the_released_contract() -> None:
+    result = buf("breaking", "--against", str(RELEASED))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "complaint"),
+    [
+        ("commands.proto", "  string customer_id = 2;\n", "", 'Previously present field "2" with name "customer_id"'),
+        ("events.proto", "int64 aggregate_version = 4;", "int32 aggregate_version = 4;", "changed type"),
+    ],
+    ids=["field-removed", "event-field-type-changed"],
+)
+def test_a_breaking_change_would_fail_the_check(tmp_path: Path, path: str, old: str, new: str, complaint: str) -> None:
+    shutil.copytree(ROOT / "protos", tmp_path / "protos")
+    proto = tmp_path / "protos" / "orders" / "v1" / path
+    text = proto.read_text()
+    assert old in text
+    proto.write_text(text.replace(old, new, 1))
+    result = buf("breaking", "--against", str(RELEASED), cwd=tmp_path / "protos")
+    assert result.returncode != 0 and complaint in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("service", ["command_service", "query_service", "projector"])
