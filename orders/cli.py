@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from orders import migrations
 from orders.config import ConfigError, Settings, describe
 
 # ---- services and local stack -------------------------------------------------------------------
@@ -31,6 +30,8 @@ def _run_module(module: str) -> Callable[[argparse.Namespace, Settings], int]:
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from orders import migrations
+
     asyncio.run(migrations.migrate(settings))
     print("schemas of the write and read databases are up to date")
     return 0
@@ -38,7 +39,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Start PostgreSQL, NATS and the three services; stop everything on Ctrl-C or SIGTERM."""
-    from orders import local_stack
+    from orders import local_stack, migrations
 
     data_dir = Path(args.data_dir)
     started: list[local_stack.ManagedProcess] = []
@@ -135,6 +136,8 @@ def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
 def _output(args: argparse.Namespace, message: Any) -> None:
     from google.protobuf import json_format
 
+    if not args.json and _print_table(args, message):
+        return
     data = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
     )
@@ -142,6 +145,57 @@ def _output(args: argparse.Namespace, message: Any) -> None:
         print(json.dumps(data), flush=True)
         return
     _print_human(data)
+
+
+Columns = tuple[tuple[str, int], ...]  # (title, width)
+ORDER_COLUMNS: Columns = (("ORDER", 36), ("CUSTOMER", 18), ("STATUS", 9), ("ITEMS", 5), ("TOTAL", 14))
+ORDER_COLUMNS += (("PLACED", 19), ("VERSION", 7), ("SEQUENCE", 8))
+PRODUCT_COLUMNS: Columns = (("SKU", 20), ("NAME", 30), ("PRICE", 14), ("STOCK", 8), ("VERSION", 7))
+
+
+def _print_table(args: argparse.Namespace, message: Any) -> bool:
+    """Print order summaries and products as table rows (the header once per command); False for others."""
+    name = message.DESCRIPTOR.name
+    if name in ("ListOrderSummariesResponse", "WatchOrderSummariesResponse"):
+        columns, rows = ORDER_COLUMNS, [_order_row(message.summary)]
+    elif name == "SearchOrdersResponse":
+        columns, rows = ORDER_COLUMNS, [_order_row(summary) for summary in message.summaries]
+    elif name == "ListProductsResponse":
+        columns, rows = PRODUCT_COLUMNS, [_product_row(product) for product in message.products]
+    else:
+        return False
+    if not getattr(args, "header_printed", False):
+        print("  ".join(title.ljust(width) for title, width in columns).rstrip())
+        args.header_printed = True
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, (_, width) in zip(row, columns, strict=True)).rstrip(), flush=True)
+    if getattr(message, "next_page_token", ""):
+        print(f"next page: --page-token {message.next_page_token}")
+    return True
+
+
+def _price(money: Any) -> str:
+    return f"{money.minor_units / 100:.2f} {money.currency_code}"
+
+
+def _order_row(summary: Any) -> list[str]:
+    status = {1: "placed", 2: "cancelled"}.get(summary.status, "?")
+    placed = summary.placed_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+    version, sequence = str(summary.version), str(summary.stream_sequence)
+    return [
+        summary.order_id,
+        summary.customer_id,
+        status,
+        str(summary.item_count),
+        _price(summary.total),
+        placed,
+        version,
+        sequence,
+    ]
+
+
+def _product_row(product: Any) -> list[str]:
+    return [product.sku, product.name, _price(product.unit_price), str(product.stock), str(product.version)]
 
 
 def _money(value: dict[str, Any]) -> str:
@@ -213,6 +267,12 @@ def _print_error(err: Any) -> int:
 
 def _request_id(args: argparse.Namespace) -> str:
     return args.request_id or str(uuid.uuid4())
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _line(text: str) -> tuple[str, int]:
@@ -323,6 +383,74 @@ def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     )
     args.follow = True
     return _call(args, settings, "query", "WatchOrderSummaries", request)
+
+
+def cmd_seed(args: argparse.Namespace, settings: Settings) -> int:
+    """Demo data through the CommandService: products with stock, then orders, with progress lines."""
+    import grpc
+
+    try:
+        asyncio.run(_seed(args, args.command_addr or settings.command_addr))
+    except grpc.RpcError as err:
+        return _print_error(err)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def _seed(args: argparse.Namespace, address: str) -> None:
+    import random
+
+    import grpc
+
+    from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2
+
+    rng = random.Random(args.random_seed)
+    names = ["Anvil", "Bolt", "Cable", "Drill", "Easel", "Funnel", "Gasket", "Hinge", "Ink", "Jack", "Kettle"]
+    skus = [f"DEMO-{i:04d}" for i in range(args.products)]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = commands_pb2_grpc.CommandServiceStub(channel)
+        for i, sku in enumerate(skus):
+            price = common_pb2.Money(currency_code="EUR", minor_units=rng.randrange(100, 20_000))
+            name = f"{names[i % len(names)]} {sku[-4:]}"
+            await stub.UpsertProduct(
+                commands_pb2.UpsertProductRequest(request_id=str(uuid.uuid4()), sku=sku, name=name, unit_price=price),
+                timeout=args.timeout,
+            )
+            await stub.UpdateInventory(
+                commands_pb2.UpdateInventoryRequest(request_id=str(uuid.uuid4()), sku=sku, delta=args.orders * 3),
+                timeout=args.timeout,
+            )
+        print(f"{len(skus)} products with stock", flush=True)
+        started, done, next_report = time.monotonic(), 0, 0.0
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for n in range(args.orders):
+            queue.put_nowait(n)
+
+        async def worker() -> None:
+            nonlocal done, next_report
+            while not queue.empty():
+                queue.get_nowait()
+                lines = [
+                    commands_pb2.PlaceOrderLine(sku=sku, quantity=rng.randint(1, 3))
+                    for sku in sorted(rng.sample(skus, k=min(len(skus), rng.randint(1, 4))))
+                ]
+                await stub.PlaceOrder(
+                    commands_pb2.PlaceOrderRequest(
+                        request_id=str(uuid.uuid4()), customer_id=f"customer-{rng.randrange(200):03d}", lines=lines
+                    ),
+                    timeout=args.timeout,
+                )
+                done += 1
+                now = time.monotonic()
+                if now >= next_report or done == args.orders:
+                    next_report = now + 1.0
+                    rate = done / max(now - started, 1e-9)
+                    print(
+                        f"placed {done}/{args.orders} orders ({100 * done // args.orders}%, {rate:.0f}/s)", flush=True
+                    )
+
+        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
 
 
 def cmd_lag(args: argparse.Namespace, settings: Settings) -> int:
@@ -463,6 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--customer")
     p.add_argument("--snapshot", action="store_true", help="first print the current summaries")
     p.add_argument("--after-sequence", type=int, default=0, help="resume after this stream sequence")
+    p = add("seed", cmd_seed, "create demo products and orders through the CommandService", client=True)
+    p.add_argument("--products", type=_positive, default=50)
+    p.add_argument("--orders", type=_positive, default=1000)
+    p.add_argument("--concurrency", type=_positive, default=8)
+    p.add_argument("--random-seed", type=int, default=1)
     add("lag", cmd_lag, "how far the projection is behind the event stream", client=True)
     p = add("dead-letters", cmd_dead_letters, "list, show, replay or discard dead letters", client=True)
     p.add_argument("action", choices=["list", "show", "replay", "discard"])

@@ -32,6 +32,11 @@ def _parse_url(*schemes: str):  # type: ignore[no-untyped-def]
     return parse
 
 
+def _parse_urls(*schemes: str):  # type: ignore[no-untyped-def]
+    parse_one = _parse_url(*schemes)
+    return lambda value: ",".join(parse_one(part.strip()) for part in value.split(","))
+
+
 def _parse_positive_float(value: str) -> float:
     number = float(value)
     if number <= 0:
@@ -81,7 +86,11 @@ class Settings:
         _parse_url("postgresql", "postgres"),
         "Read database written by the projector and read by the query service.",
     )
-    nats_url: str = _setting("nats://127.0.0.1:4222", _parse_url("nats", "tls"), "NATS server URL.")
+    nats_url: str = _setting(
+        "nats://127.0.0.1:4222",
+        _parse_urls("nats", "tls"),
+        "NATS server URL, or comma-separated URLs of several cluster nodes (tried in turn).",
+    )
     command_addr: str = _setting("127.0.0.1:50051", _parse_address, "CommandService listen address.")
     query_addr: str = _setting("127.0.0.1:50052", _parse_address, "QueryService listen address.")
     command_metrics_addr: str = _setting(

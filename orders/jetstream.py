@@ -48,7 +48,7 @@ async def connect(url: str, name: str, *, retry_forever: bool = True) -> NATS:
     delay = 0.2
     while True:
         try:
-            client.append(await nats.connect(url, **options))
+            client.append(await nats.connect(servers=url.split(","), **options))
             return client[0]
         except Exception as exc:  # nats-py raises several unrelated types for an unreachable server
             if not retry_forever:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from orders import local_stack
+from tests.support import Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -104,3 +105,28 @@ def test_up_serves_the_cli_stops_on_ctrl_c_and_keeps_data(tmp_path: Path) -> Non
         assert found["summary"]["status"] == "ORDER_STATUS_CANCELLED"
     finally:
         assert second.interrupt() == 0, second.text()
+
+
+def test_cli_seeds_demo_data_with_progress_and_prints_tables(stack: Stack) -> None:
+    env = {**os.environ, **stack.settings.to_env()}
+
+    def run(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "orders.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    seeded = run("seed", "--products", "4", "--orders", "30", "--concurrency", "4", "--random-seed", "7")
+    assert "4 products with stock" in seeded and "placed 30/30 orders (100%" in seeded
+    products = run("list-products", "--prefix", "Anvil").splitlines()
+    assert products[0].split() == ["SKU", "NAME", "PRICE", "STOCK", "VERSION"]
+    assert any(line.startswith("DEMO-0000") for line in products[1:])
+    orders = run("search-orders", "DEMO-0001", "--page-size", "5").splitlines()
+    assert orders[0].split()[:3] == ["ORDER", "CUSTOMER", "STATUS"]
+    rows = [line for line in orders[1:] if not line.startswith("next page")]
+    assert 1 <= len(rows) <= 5 and all(line.split()[2] in ("placed", "cancelled") for line in rows)
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run(
+            [sys.executable, "-m", "orders.cli", "seed", "--orders", "0"], env=env, check=True, capture_output=True
+        )

@@ -92,6 +92,33 @@ def test_compose_runs_real_cli_commands_and_nats_config_is_valid() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() -> None:
+    import tomllib
+
+    docker_compose = shutil.which("docker-compose")
+    if docker_compose is None:
+        pytest.skip("docker-compose not installed (Debian package docker-compose; .ci/run installs it)")
+    compose = ROOT / "docker-compose.yml"
+    checked = subprocess.run([docker_compose, "-f", str(compose), "config", "-q"], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    listed = subprocess.run(
+        [docker_compose, "-f", str(compose), "config", "--services"], capture_output=True, text=True, check=True
+    )
+    assert set(listed.stdout.split()) == {
+        "postgres-write",
+        "postgres-read",
+        "nats",
+        "migrate",
+        "command-service",
+        "query-service",
+        "projector",
+    }
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert 'ENTRYPOINT ["orders"]' in dockerfile and scripts["orders"] == "orders.cli:main"
+    assert "\nUSER orders" in dockerfile  # not root
+
+
 @pytest.mark.parametrize(
     "tool",
     [
