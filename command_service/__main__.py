@@ -59,7 +59,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    run_service(serve)
+    run_service(serve, "orders-command")
 
 
 if __name__ == "__main__":

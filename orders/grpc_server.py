@@ -16,7 +16,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from orders import correlation, metrics
+from orders import correlation, metrics, tracing
 from orders.db import is_unavailable
 from orders.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
 
@@ -85,13 +85,15 @@ def _status_for(exc: Exception) -> grpc.Status | None:
 class _Call:
     """One call's bookkeeping: its correlation context, its metrics and its access log line."""
 
-    def __init__(self, service: str, method: str, access_log: int, context: grpc.aio.ServicerContext) -> None:
+    def __init__(
+        self, service: str, method: str, access_log: int, context: grpc.aio.ServicerContext, traceparent: str
+    ) -> None:
         self.service, self.method, self.access_log, self.context = service, method, access_log, context
         self.started = time.perf_counter()
         self.correlation_id = correlation.correlation_id_from(_metadata(context, CORRELATION_HEADER))
         # Each call runs in a task of its own, so these stay with this call and end with its task.
         correlation.CORRELATION_ID.set(self.correlation_id)
-        correlation.TRACEPARENT.set(correlation.child_traceparent(_metadata(context, TRACEPARENT_HEADER)))
+        correlation.TRACEPARENT.set(traceparent)
         context.set_trailing_metadata(((CORRELATION_HEADER, self.correlation_id),))
 
     def finish(self, code: grpc.StatusCode) -> None:
@@ -133,44 +135,47 @@ def rpc(method: F | None = None, *, access_log: int = logging.DEBUG) -> Any:
     if method is None:
         return functools.partial(rpc, access_log=access_log)
     service, _, name = method.__qualname__.rpartition(".")
+    span_name = f"orders.v1.{service}/{name}"
 
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(service, name, access_log, context)
-            try:
-                if isinstance(request, MalformedRequest):
-                    raise request.to_error()
-                async for item in method(self, request, context):
-                    yield item
-                call.finish(grpc.StatusCode.OK)
-            except grpc.aio.AbortError:
-                raise
-            except (asyncio.CancelledError, GeneratorExit):
-                call.finish(grpc.StatusCode.CANCELLED)
-                raise
-            except Exception as exc:
-                await call.fail(exc)
+            with tracing.span(span_name, _metadata(context, TRACEPARENT_HEADER)) as traceparent:
+                call = _Call(service, name, access_log, context, traceparent)
+                try:
+                    if isinstance(request, MalformedRequest):
+                        raise request.to_error()
+                    async for item in method(self, request, context):
+                        yield item
+                    call.finish(grpc.StatusCode.OK)
+                except grpc.aio.AbortError:
+                    raise
+                except (asyncio.CancelledError, GeneratorExit):
+                    call.finish(grpc.StatusCode.CANCELLED)
+                    raise
+                except Exception as exc:
+                    await call.fail(exc)
 
         return stream_wrapper
 
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(service, name, access_log, context)
-        try:
-            if isinstance(request, MalformedRequest):
-                raise request.to_error()
-            result = await method(self, request, context)
-            call.finish(grpc.StatusCode.OK)
-            return result
-        except grpc.aio.AbortError:
-            raise
-        except asyncio.CancelledError:
-            call.finish(grpc.StatusCode.CANCELLED)
-            raise
-        except Exception as exc:
-            await call.fail(exc)
+        with tracing.span(span_name, _metadata(context, TRACEPARENT_HEADER)) as traceparent:
+            call = _Call(service, name, access_log, context, traceparent)
+            try:
+                if isinstance(request, MalformedRequest):
+                    raise request.to_error()
+                result = await method(self, request, context)
+                call.finish(grpc.StatusCode.OK)
+                return result
+            except grpc.aio.AbortError:
+                raise
+            except asyncio.CancelledError:
+                call.finish(grpc.StatusCode.CANCELLED)
+                raise
+            except Exception as exc:
+                await call.fail(exc)
 
     return unary_wrapper
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from orders import tracing
 from orders.config import ConfigError, Settings
 from orders.correlation import CORRELATION_ID, TRACEPARENT
 from orders.migrations import NotMigrated
@@ -60,19 +61,23 @@ def configure_logging(level: str, log_format: str = "auto", stream: TextIO | Non
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-def run_service(serve: Callable[[Settings], Coroutine[Any, Any, None]]) -> None:
-    """A service's main(): settings from the environment (exit 2 naming a bad variable), logging, run."""
+def run_service(serve: Callable[[Settings], Coroutine[Any, Any, None]], name: str) -> None:
+    """A service's main(): settings from the environment (exit 2 naming a bad variable), logging,
+    tracing (when configured), run; name is the service name in traces."""
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
+    tracing.setup(name)
     try:
         asyncio.run(serve(settings))
     except NotMigrated as exc:
         logging.getLogger("orders").error("not starting: %s", exc)
         raise SystemExit(1) from None
+    finally:
+        tracing.shutdown()
 
 
 def stop_event() -> asyncio.Event:

@@ -92,7 +92,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    run_service(serve)
+    run_service(serve, "orders-projector")
 
 
 if __name__ == "__main__":

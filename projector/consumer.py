@@ -32,7 +32,7 @@ from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Histogram
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orders import jetstream
+from orders import jetstream, tracing
 from orders.config import Settings
 from orders.correlation import child_traceparent
 from orders.db import is_unavailable
@@ -102,14 +102,6 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[psycopg.AsyncConnect
         yield raw.driver_connection  # type: ignore[misc]
 
 
-def event_trace(msg: Msg, event: Any) -> dict[str, str]:
-    """Log fields tying a line about an event to the command that caused it (correlation id, trace)."""
-    return {
-        "correlation_id": event.correlation_id if event is not None else "",
-        "traceparent": child_traceparent((msg.headers or {}).get(HEADER_TRACEPARENT)),
-    }
-
-
 def _dead_letter(msg: Msg, event: Any, status: str, reason: str) -> dead_letters.DeadLetter:
     if event is not None:
         aggregate = (event.aggregate_type, event.aggregate_id)
@@ -140,6 +132,20 @@ class Projector:
         self.applied_total = 0
         self.dead_lettered_total = 0
         self.nc: NATS | None = None
+
+    @staticmethod
+    def _record_applied(msg: Msg, item: Item, started_ns: int) -> None:
+        """A span (when tracing) and a DEBUG line for an applied event, in the trace of the command behind it."""
+        name = f"apply {item.aggregate[0]}/{item.aggregate[1]} v{item.event.aggregate_version}"
+        parent = (msg.headers or {}).get(HEADER_TRACEPARENT)
+        with tracing.span(name, parent, consumer=True, started_ns=started_ns) as traceparent:
+            log.debug(
+                "applied %s/%s v%d (stream sequence %d)",
+                *item.aggregate,
+                item.event.aggregate_version,
+                item.seq,
+                extra={"correlation_id": item.event.correlation_id, "traceparent": traceparent},
+            )
 
     async def probe(self) -> str | None:
         """Health probe: None while connected to NATS."""
@@ -303,8 +309,12 @@ class Projector:
         With give_up, a GAP that has had max_deliver deliveries becomes a dead letter.
         """
         letters = list(rejected)
+        started_ns = time.time_ns()
         async with transaction(self._engine) as conn:
             known = await dead_letters.open_letters(conn, [item.aggregate for _, item in items])
+            for letter in rejected:  # undecodable events of this very batch block their aggregate too
+                aggregate = (letter.aggregate_type, letter.aggregate_id)
+                known.setdefault(aggregate, []).append((letter.stream_seq, letter.aggregate_version))
             runnable: list[Item] = []
             for msg, item in items:
                 mine = known.get(item.aggregate, [])
@@ -332,16 +342,10 @@ class Projector:
             await dead_letters.record(conn, letters)
             await signal_changes(conn, changes)
         applied = sum(1 for _, item in items if item.outcome is Outcome.APPLIED)
-        if log.isEnabledFor(logging.DEBUG):
+        if tracing.enabled() or log.isEnabledFor(logging.DEBUG):
             for msg, item in items:
                 if item.outcome is Outcome.APPLIED:
-                    log.debug(
-                        "applied %s/%s v%d (stream sequence %d)",
-                        *item.aggregate,
-                        item.event.aggregate_version,
-                        item.seq,
-                        extra=event_trace(msg, item.event),
-                    )
+                    self._record_applied(msg, item, started_ns)
         self.applied_total += applied
         APPLIED.inc(applied)
         DUPLICATES.inc(sum(1 for _, item in items if item.outcome is Outcome.DUPLICATE))

@@ -107,7 +107,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    run_service(serve)
+    run_service(serve, "orders-query")
 
 
 if __name__ == "__main__":

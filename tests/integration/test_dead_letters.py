@@ -56,13 +56,34 @@ def projector(infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path) -> 
     settings = isolated_settings(infra, nats_url=own_nats.url, max_deliver=3, retry_backoff=(0.2,))
     asyncio.run(migrate(settings))
     asyncio.run(publish_events(settings, []))  # creates the stream
-    proc = start_serving("projector", settings, tmp_path)
     channel = grpc.insecure_channel(settings.admin_addr)
+    under_test = ProjectorUnderTest(
+        settings, start_serving("projector", settings, tmp_path), admin_pb2_grpc.AdminServiceStub(channel)
+    )
     try:
-        yield ProjectorUnderTest(settings, proc, admin_pb2_grpc.AdminServiceStub(channel))
+        yield under_test
     finally:
         channel.close()
-        proc.stop()
+        under_test.proc.stop()  # the test may have restarted it
+
+
+def test_an_undecodable_event_parks_the_events_behind_it_in_the_same_batch(projector: ProjectorUnderTest) -> None:
+    """Published while the projector is down, all arrive in one fetch: the later event must still park."""
+    projector.proc.stop()
+    poisoned, healthy = f"P-{uuid.uuid4().hex[:8]}", f"Q-{uuid.uuid4().hex[:8]}"
+    projector.publish(
+        (f"orders.v1.events.product.{poisoned}", b"\xff\x00 not protobuf"),
+        product_event(poisoned, 1, 5),
+        product_event(healthy, 1, 7),
+    )
+    projector.proc = start_serving("projector", projector.settings, projector.proc.log_path.parent / "again")
+    assert eventually(lambda: projector.view(healthy), 10, "other aggregate flows") == (1, 7)
+    letters = eventually(lambda: len(found := projector.letters()) == 2 and found, 5, "two dead letters")
+    assert [letter.status for letter in letters] == [
+        admin_pb2.DEAD_LETTER_STATUS_DEAD,
+        admin_pb2.DEAD_LETTER_STATUS_PARKED,
+    ]
+    assert projector.view(poisoned) is None
 
 
 def test_undecodable_event_is_dead_lettered_and_parks_its_aggregate(projector: ProjectorUnderTest) -> None:
