@@ -120,3 +120,16 @@ def test_trace_context_continues_the_callers_trace_or_starts_one() -> None:
     assert correlation_id_from("order-42") == "order-42"
     assert correlation_id_from("x" * 129) != "x" * 129
     assert correlation_id_from("has space") != "has space"
+
+
+@pytest.mark.parametrize("module", ["command_service", "query_service", "projector"])
+def test_a_service_with_a_bad_setting_stops_at_once_naming_the_variable(module: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ORDERS_LOG_FORMAT": "xml"}
+    result = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "configuration error: ORDERS_LOG_FORMAT='xml' is invalid: expected one of auto, json, text" in result.stderr
+    assert "Traceback" not in result.stderr
