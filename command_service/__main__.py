@@ -31,6 +31,7 @@ async def serve(settings: Settings) -> None:
         settings.command_addr,
         SERVICE,
         CommandService(handlers),
+        settings,
     )
     # Commands need only the write database; the relay (NATS) has a status of its own, because
     # commands keep succeeding through a NATS outage (the outbox holds their events).

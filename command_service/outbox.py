@@ -94,7 +94,7 @@ class OutboxRelay:
                 await asyncio.sleep(1.0)
 
     async def _run_connected(self) -> None:
-        nc = self._nc = await jetstream.connect(self._settings.nats_url, "orders-command-relay")
+        nc = self._nc = await jetstream.connect(self._settings, "orders-command-relay")
         try:
             await self._ensure_stream(nc)
             js = nc.jetstream(timeout=5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import signal
@@ -72,6 +73,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             )
             print(f"PostgreSQL  {pg.url('')}  (pid {pg.process.pid})")
             print(f"NATS        {nats.url}  (pid {nats.process.pid}, JetStream)")
+        if settings.auth == "on" and not (settings.auth_tokens or settings.auth_tokens_file):
+            settings = dataclasses.replace(settings, auth="off")
+            print("authentication off: a local stack (set ORDERS_AUTH_TOKENS_FILE to require tokens)")
         asyncio.run(migrations.migrate(settings))
         env = settings.to_env()
         for module in local_stack.SERVICES:
@@ -117,11 +121,23 @@ def _serving_or_dead(address: str, processes: Iterable[Any]) -> bool:
 
 
 def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
-    from orders.local_stack import grpc_serving
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    ok = grpc_serving(args.address, timeout=args.timeout)
-    print(f"{args.address}: {'SERVING' if ok else 'NOT SERVING'}")
-    return 0 if ok else 1
+    from orders import security
+
+    with security.client_channel(args.address, settings) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout,
+                metadata=security.call_metadata(settings),
+            )
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.RpcError as err:
+            status = f"no answer ({err.code().name})"
+    print(f"{args.address}{' ' + args.service if args.service else ''}: {status}")
+    return 0 if status == "SERVING" else 1
 
 
 def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
@@ -222,6 +238,7 @@ def _print_human(data: dict[str, Any], indent: str = "") -> None:
 def _call(args: argparse.Namespace, settings: Settings, service: str, method: str, request: Any) -> int:
     import grpc
 
+    from orders import security
     from orders.v1 import admin_pb2_grpc, commands_pb2_grpc, queries_pb2_grpc
 
     address, stub_class = {
@@ -229,10 +246,12 @@ def _call(args: argparse.Namespace, settings: Settings, service: str, method: st
         "query": (args.query_addr or settings.query_addr, queries_pb2_grpc.QueryServiceStub),
         "admin": (args.admin_addr or settings.admin_addr, admin_pb2_grpc.AdminServiceStub),
     }[service]
-    with grpc.insecure_channel(address) as channel:
+    with security.client_channel(address, settings) as channel:
         stub = stub_class(channel)
         try:
-            reply = getattr(stub, method)(request, timeout=None if args.follow else args.timeout)
+            reply = getattr(stub, method)(
+                request, timeout=None if args.follow else args.timeout, metadata=security.call_metadata(settings)
+            )
             if hasattr(reply, "__iter__") and not hasattr(reply, "DESCRIPTOR"):
                 for item in reply:
                     _output(args, item)
@@ -390,7 +409,7 @@ def cmd_seed(args: argparse.Namespace, settings: Settings) -> int:
     import grpc
 
     try:
-        asyncio.run(_seed(args, args.command_addr or settings.command_addr))
+        asyncio.run(_seed(args, settings))
     except grpc.RpcError as err:
         return _print_error(err)
     except KeyboardInterrupt:
@@ -398,17 +417,17 @@ def cmd_seed(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _seed(args: argparse.Namespace, address: str) -> None:
+async def _seed(args: argparse.Namespace, settings: Settings) -> None:
     import random
 
-    import grpc
-
+    from orders import security
     from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2
 
     rng = random.Random(args.random_seed)
     names = ["Anvil", "Bolt", "Cable", "Drill", "Easel", "Funnel", "Gasket", "Hinge", "Ink", "Jack", "Kettle"]
     skus = [f"DEMO-{i:04d}" for i in range(args.products)]
-    async with grpc.aio.insecure_channel(address) as channel:
+    metadata = security.call_metadata(settings)
+    async with security.client_channel(args.command_addr or settings.command_addr, settings, aio=True) as channel:
         stub = commands_pb2_grpc.CommandServiceStub(channel)
         for i, sku in enumerate(skus):
             price = common_pb2.Money(currency_code="EUR", minor_units=rng.randrange(100, 20_000))
@@ -416,10 +435,12 @@ async def _seed(args: argparse.Namespace, address: str) -> None:
             await stub.UpsertProduct(
                 commands_pb2.UpsertProductRequest(request_id=str(uuid.uuid4()), sku=sku, name=name, unit_price=price),
                 timeout=args.timeout,
+                metadata=metadata,
             )
             await stub.UpdateInventory(
                 commands_pb2.UpdateInventoryRequest(request_id=str(uuid.uuid4()), sku=sku, delta=args.orders * 3),
                 timeout=args.timeout,
+                metadata=metadata,
             )
         print(f"{len(skus)} products with stock", flush=True)
         started, done, next_report = time.monotonic(), 0, 0.0
@@ -440,6 +461,7 @@ async def _seed(args: argparse.Namespace, address: str) -> None:
                         request_id=str(uuid.uuid4()), customer_id=f"customer-{rng.randrange(200):03d}", lines=lines
                     ),
                     timeout=args.timeout,
+                    metadata=metadata,
                 )
                 done += 1
                 now = time.monotonic()
@@ -540,6 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("settings", cmd_settings, "list every ORDERS_* variable with its default")
     p = add("health", cmd_health, "exit 0 when the gRPC server at ADDRESS reports SERVING")
     p.add_argument("address", help="HOST:PORT")
+    p.add_argument("--service", default="", help="a service's own status (default: the server's)")
     p.add_argument("--timeout", type=float, default=2.0)
 
     p = add("place-order", cmd_place_order, "place an order", client=True)

@@ -37,6 +37,15 @@ def _parse_urls(*schemes: str):  # type: ignore[no-untyped-def]
     return lambda value: ",".join(parse_one(part.strip()) for part in value.split(","))
 
 
+def _parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
 def _parse_positive_float(value: str) -> float:
     number = float(value)
     if number <= 0:
@@ -86,11 +95,19 @@ class Settings:
         _parse_url("postgresql", "postgres"),
         "Read database written by the projector and read by the query service.",
     )
+    query_database_url: str = _setting(
+        "",
+        _parse_url("postgresql", "postgres"),
+        "Read database as the query service connects to it (a role that may only SELECT); empty: the read URL.",
+    )
     nats_url: str = _setting(
         "nats://127.0.0.1:4222",
         _parse_urls("nats", "tls"),
         "NATS server URL, or comma-separated URLs of several cluster nodes (tried in turn).",
     )
+    nats_user: str = _setting("", str, "NATS user name (with ORDERS_NATS_PASSWORD).")
+    nats_password: str = _setting("", str, "NATS password.")
+    nats_creds_file: str = _setting("", str, "NATS credentials file (JWT and nkey seed), instead of user/password.")
     command_addr: str = _setting("127.0.0.1:50051", _parse_address, "CommandService listen address.")
     query_addr: str = _setting("127.0.0.1:50052", _parse_address, "QueryService listen address.")
     command_metrics_addr: str = _setting(
@@ -147,6 +164,29 @@ class Settings:
         1000, _parse_positive_int, "Changes buffered per watch stream before a slow watcher is cut off."
     )
     db_pool_size: int = _setting(10, _parse_positive_int, "Database connections per process.")
+    tls_cert_file: str = _setting("", str, "PEM certificate chain of the gRPC servers; set with the key to serve TLS.")
+    tls_key_file: str = _setting("", str, "PEM private key of the gRPC servers.")
+    tls_client_ca_file: str = _setting(
+        "", str, "PEM CA certificates; when set, the servers require client certificates signed by them (mTLS)."
+    )
+    auth: str = _setting(
+        "on", _parse_choice("on", "off"), "Bearer-token authentication; off only for local use (a warning is logged)."
+    )
+    auth_tokens_file: str = _setting(
+        "", str, "File of tokens, one per line: NAME SCOPE[,SCOPE...] TOKEN (scopes: see README)."
+    )
+    auth_tokens: str = _setting("", str, "Tokens inline, same format as the file, lines separated by ';'.")
+    auth_open_health: bool = _setting(True, _parse_bool, "Health and reflection answer without a token.")
+    client_ca_file: str = _setting("", str, "CLI: PEM CA certificates to verify the servers (turns TLS on).")
+    client_cert_file: str = _setting("", str, "CLI: PEM client certificate for mTLS.")
+    client_key_file: str = _setting("", str, "CLI: PEM client key for mTLS.")
+    client_token: str = _setting("", str, "CLI: bearer token sent with every call.")
+    max_watches_per_connection: int = _setting(
+        100, _parse_positive_int, "Open WatchOrderSummaries streams allowed per client connection."
+    )
+    max_call_seconds: float = _setting(
+        30.0, _parse_positive_float, "Server-side deadline of unary calls (a shorter client deadline wins)."
+    )
     log_level: str = _setting(
         "INFO", _parse_choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level: DEBUG, INFO, WARNING or ERROR."
     )
@@ -168,7 +208,19 @@ class Settings:
                 values[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
                 raise ConfigError(f"{name}={raw!r} is invalid: {exc}") from None
-        return cls(**values)
+        settings = cls(**values)
+        if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+            raise ConfigError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE must be set together")
+        if settings.tls_client_ca_file and not settings.tls_cert_file:
+            raise ConfigError(f"{PREFIX}TLS_CLIENT_CA_FILE (mTLS) needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE")
+        if bool(settings.client_cert_file) != bool(settings.client_key_file):
+            raise ConfigError(f"{PREFIX}CLIENT_CERT_FILE and {PREFIX}CLIENT_KEY_FILE must be set together")
+        return settings
+
+    @property
+    def query_database(self) -> str:
+        """The URL the query service reads with."""
+        return self.query_database_url or self.read_database_url
 
     def to_env(self) -> dict[str, str]:
         """The ORDERS_* variables that reproduce these settings in a child process."""
@@ -176,6 +228,8 @@ class Settings:
 
 
 def _render(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 

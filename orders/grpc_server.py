@@ -16,7 +16,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from orders import correlation, metrics, tracing
+from orders import correlation, metrics, security, tracing
+from orders.config import Settings
 from orders.db import is_unavailable
 from orders.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
 
@@ -24,7 +25,11 @@ log = logging.getLogger(__name__)
 
 CORRELATION_HEADER = "x-correlation-id"
 TRACEPARENT_HEADER = "traceparent"
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_REQUEST_BYTES = 1024 * 1024  # the largest valid request (an order of 100 lines) is far smaller
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+MAX_STREAMS_PER_CONNECTION = 256
+# Server-side deadline of unary calls, from ORDERS_MAX_CALL_SECONDS (set by create_server, one server per process).
+max_call_seconds = 30.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -119,21 +124,23 @@ class _Call:
 
 
 @overload
-def rpc(method: F, *, access_log: int = ...) -> F: ...
+def rpc(method: F, *, access_log: int = ..., streams: bool = ...) -> F: ...
 @overload
-def rpc(*, access_log: int = ...) -> Callable[[F], F]: ...
+def rpc(*, access_log: int = ..., streams: bool = ...) -> Callable[[F], F]: ...
 
 
-def rpc(method: F | None = None, *, access_log: int = logging.DEBUG) -> Any:
+def rpc(method: F | None = None, *, access_log: int = logging.DEBUG, streams: bool = False) -> Any:
     """Wrap a servicer method: correlation context, metrics, access log, and errors mapped to statuses.
 
     DomainError → its code with google.rpc details; an unreachable database → UNAVAILABLE; anything
     else → INTERNAL with a generic message (the stack trace goes to the log, never to the client).
     Every answer carries the call's x-correlation-id in its trailing metadata. Works for unary methods
     and for server-streaming async generators; access_log is the level of the per-call log line.
+    Unary calls end after max_call_seconds at the latest; streams (async generators, or coroutines
+    that write with context.write, marked streams=True) last as long as the client wants.
     """
     if method is None:
-        return functools.partial(rpc, access_log=access_log)
+        return functools.partial(rpc, access_log=access_log, streams=streams)
     service, _, name = method.__qualname__.rpartition(".")
     span_name = f"orders.v1.{service}/{name}"
 
@@ -166,11 +173,19 @@ def rpc(method: F | None = None, *, access_log: int = logging.DEBUG) -> Any:
             try:
                 if isinstance(request, MalformedRequest):
                     raise request.to_error()
-                result = await method(self, request, context)
+                async with asyncio.timeout(None if streams else max_call_seconds):
+                    result = await method(self, request, context)
                 call.finish(grpc.StatusCode.OK)
                 return result
             except grpc.aio.AbortError:
                 raise
+            except TimeoutError:
+                call.finish(grpc.StatusCode.DEADLINE_EXCEEDED)
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"the call took longer than the server's limit of {max_call_seconds:g}s",
+                    ((CORRELATION_HEADER, call.correlation_id),),
+                )
             except asyncio.CancelledError:
                 call.finish(grpc.StatusCode.CANCELLED)
                 raise
@@ -181,25 +196,31 @@ def rpc(method: F | None = None, *, access_log: int = logging.DEBUG) -> Any:
 
 
 def create_server(
-    address: str, service: ServiceDescriptor, servicer: Any
+    address: str, service: ServiceDescriptor, servicer: Any, settings: Settings
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A grpc.aio server on address serving servicer, plus health and reflection; returns the bound port.
 
-    Bind to port 0 to get a free port (tests do).
+    TLS, mTLS and bearer-token checks as settings configure them. Bind to port 0 to get a free port.
     """
+    global max_call_seconds
+    max_call_seconds = settings.max_call_seconds
+    tokens = security.load_tokens(settings)
     server = grpc.aio.server(
+        interceptors=[security.AuthInterceptor(tokens, settings.auth_open_health)] if tokens is not None else [],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+            ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             ("grpc.so_reuseport", 0),
-        ]
+        ],
     )
     add_servicer(server, service, servicer)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    credentials = security.server_credentials(settings)
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError:  # grpc's message for a failed bind names no cause
         port = 0
     if port == 0:

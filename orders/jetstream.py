@@ -17,11 +17,12 @@ from orders.events import SUBJECT_WILDCARD
 log = logging.getLogger(__name__)
 
 
-async def connect(url: str, name: str, *, retry_forever: bool = True) -> NATS:
-    """Connect to NATS, reconnecting for ever once connected.
+async def connect(target: Settings | str, name: str, *, retry_forever: bool = True) -> NATS:
+    """Connect to NATS (target: the settings, with their credentials, or a bare URL), reconnecting for ever.
 
     With retry_forever the first connection is retried too, so a service can start before NATS.
     """
+    url = target if isinstance(target, str) else target.nats_url
 
     client: list[NATS] = []
 
@@ -45,6 +46,11 @@ async def connect(url: str, name: str, *, retry_forever: bool = True) -> NATS:
         reconnected_cb=on_reconnect,
         error_cb=on_error,
     )
+    if isinstance(target, Settings):
+        if target.nats_creds_file:
+            options["user_credentials"] = target.nats_creds_file
+        elif target.nats_user:
+            options.update(user=target.nats_user, password=target.nats_password)
     delay = 0.2
     while True:
         try:

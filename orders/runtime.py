@@ -76,6 +76,9 @@ def run_service(serve: Callable[[Settings], Coroutine[Any, Any, None]], name: st
     except NotMigrated as exc:
         logging.getLogger("orders").error("not starting: %s", exc)
         raise SystemExit(1) from None
+    except ConfigError as exc:
+        logging.getLogger("orders").error("configuration error: %s", exc)
+        raise SystemExit(2) from None
     finally:
         tracing.shutdown()
 

@@ -58,7 +58,9 @@ async def serve(settings: Settings) -> None:
     stop = stop_event()
     engine = db.create_engine(settings.read_database_url, settings.db_pool_size, "orders-projector")
     projector = Projector(settings, engine)
-    server, port, health = create_server(settings.admin_addr, SERVICE, AdminService(settings, engine, projector))
+    server, port, health = create_server(
+        settings.admin_addr, SERVICE, AdminService(settings, engine, projector), settings
+    )
     database = readiness.DatabaseProbe(engine, settings.read_database_url, migrations.READ, "read")
     statuses: dict[str, list[readiness.Probe]] = {
         "": [database, projector.probe],

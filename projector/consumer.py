@@ -156,7 +156,7 @@ class Projector:
         return schedule[min(max(deliveries, 1), len(schedule)) - 1]
 
     async def run(self, stop: asyncio.Event) -> None:
-        nc = self.nc = await jetstream.connect(self._settings.nats_url, "orders-projector")
+        nc = self.nc = await jetstream.connect(self._settings, "orders-projector")
         try:
             await self._setup(nc)
             js = nc.jetstream(timeout=5)

@@ -70,15 +70,18 @@ class ProjectionProbe:
 
 async def serve(settings: Settings) -> None:
     stop = stop_event()
-    engine = db.create_engine(settings.read_database_url, settings.db_pool_size, "orders-query")
-    database = readiness.DatabaseProbe(engine, settings.read_database_url, migrations.READ, "read")
+    engine = db.create_engine(settings.query_database, settings.db_pool_size, "orders-query")
+    database = readiness.DatabaseProbe(engine, settings.query_database, migrations.READ, "read")
     read_model = ReadModel(engine)
-    feed = ChangeFeed(settings.read_database_url, read_model)
-    servicer = QueryService(read_model, feed, settings.read_wait_max, settings.watch_queue_size)
+    feed = ChangeFeed(settings.query_database, read_model)
+    servicer = QueryService(
+        read_model, feed, settings.read_wait_max, settings.watch_queue_size, settings.max_watches_per_connection
+    )
     server, port, health = create_server(
         settings.query_addr,
         SERVICE,
         servicer,
+        settings,
     )
     feed_task = asyncio.create_task(feed.run(), name="change-feed")
     metrics_port = serve_metrics(settings.query_metrics_addr)

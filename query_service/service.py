@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import grpc
@@ -43,11 +44,20 @@ def _too_slow() -> ResourceExhausted:
 
 
 class QueryService(queries_pb2_grpc.QueryServiceServicer):
-    def __init__(self, read_model: ReadModel, feed: ChangeFeed, read_wait_max: float, watch_queue_size: int) -> None:
+    def __init__(
+        self,
+        read_model: ReadModel,
+        feed: ChangeFeed,
+        read_wait_max: float,
+        watch_queue_size: int,
+        max_watches_per_connection: int,
+    ) -> None:
         self._read_model = read_model
         self._feed = feed
         self._read_wait_max = read_wait_max
         self._watch_queue_size = watch_queue_size
+        self._max_watches = max_watches_per_connection
+        self._watches_by_peer: Counter[str] = Counter()  # open watches per client connection (peer address)
 
     async def _catch_up(self, token: str, context: grpc.aio.ServicerContext) -> None:
         """Wait until the read model reflects token (read-your-writes), or fail with UNAVAILABLE."""
@@ -110,7 +120,7 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
         )
         return queries_pb2.ListProductsResponse(products=products, next_page_token=token)
 
-    @rpc
+    @rpc(streams=True)
     async def WatchOrderSummaries(
         self, request: queries_pb2.WatchOrderSummariesRequest, context: grpc.aio.ServicerContext
     ) -> None:
@@ -126,6 +136,23 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
         reading (the client sees the status after the messages already in flight).
         """
         order_ids = self._watch_selection(request)
+        peer = context.peer()
+        if self._watches_by_peer[peer] >= self._max_watches:
+            raise ResourceExhausted(
+                f"this connection already has {self._max_watches} open watch streams (the limit); close some, "
+                "or watch more orders per stream"
+            )
+        self._watches_by_peer[peer] += 1
+        try:
+            await self._watch(request, order_ids, context)
+        finally:
+            self._watches_by_peer[peer] -= 1
+            if not self._watches_by_peer[peer]:
+                del self._watches_by_peer[peer]
+
+    async def _watch(
+        self, request: queries_pb2.WatchOrderSummariesRequest, order_ids: list[str], context: grpc.aio.ServicerContext
+    ) -> None:
         await self._catch_up(request.consistency_token, context)
         watch = Watch(frozenset(order_ids), request.customer_id, self._watch_queue_size)
         self._feed.subscribe(watch)

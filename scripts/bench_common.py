@@ -55,6 +55,7 @@ def local_system(work: Path, **overrides: Any) -> Iterator[LocalSystem]:
                 **local_stack.free_addresses(),
                 "stream": "BENCH_EVENTS",
                 "log_level": "WARNING",
+                "auth": "off",
                 **overrides,
             }
         ),

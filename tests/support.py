@@ -59,6 +59,7 @@ def isolated_settings(infra: Infra, **overrides: Any) -> Settings:
         stream=f"ORDERS_EVENTS_{suffix}",
         consumer=f"projector_{suffix}",
         log_level="DEBUG",
+        auth="off",
     )
     return Settings(**(values | overrides))
 
