@@ -130,6 +130,7 @@ class Projector:
         self._settings = settings
         self._engine = engine
         self.applied_total = 0
+        self.consuming = False  # the consumer is set up and subscribed
         self.dead_lettered_total = 0
         self.nc: NATS | None = None
 
@@ -148,8 +149,12 @@ class Projector:
             )
 
     async def probe(self) -> str | None:
-        """Health probe: None while connected to NATS."""
-        return None if self.nc is not None and self.nc.is_connected else "not connected to NATS"
+        """Health probe: None while connected to NATS with the consumer set up."""
+        if self.nc is None or not self.nc.is_connected:
+            return "not connected to NATS"
+        return (
+            None if self.consuming else f"waiting for the stream {self._settings.stream} (the command side creates it)"
+        )
 
     def retry_delay(self, deliveries: int) -> float:
         schedule = self._settings.retry_backoff
@@ -161,6 +166,7 @@ class Projector:
             await self._setup(nc)
             js = nc.jetstream(timeout=5)
             sub = await self._subscribe(js)
+            self.consuming = True
             idle_since = time.monotonic()
             while not stop.is_set():
                 try:
@@ -183,12 +189,12 @@ class Projector:
     async def _setup(self, nc: NATS) -> None:
         delay = 0.2
         while True:
-            try:
-                await jetstream.ensure_stream(nc, self._settings)
+            try:  # the stream belongs to the command side (it publishes); the projector only reads it
+                await nc.jsm().stream_info(self._settings.stream)
                 await jetstream.ensure_consumer(nc, self._settings)
                 return
             except Exception as exc:
-                log.warning("cannot set up stream/consumer (%s); retrying", exc)
+                log.warning("cannot set up the consumer on stream %s (%s); retrying", self._settings.stream, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

@@ -58,6 +58,7 @@ def test_consumer_is_created_and_updated_from_settings(
 ) -> None:
     settings = isolated_settings(infra, nats_url=own_nats.url, ack_wait=12.0)
     asyncio.run(migrate(settings))
+    asyncio.run(publish_events(settings, []))  # the stream, as the command side would create it
 
     async def consumer_config() -> tuple[float, int, str]:
         nc = await jetstream.connect(settings.nats_url, "test", retry_forever=False)
@@ -83,6 +84,7 @@ def test_two_projectors_on_one_consumer_equal_one_projector(
     single = with_changes(isolated_settings(infra, nats_url=own_nats.url), stream=pair.stream, consumer="single")
     for settings in (pair, single):
         asyncio.run(migrate(settings))
+    asyncio.run(publish_events(pair, []))  # the stream, as the command side would create it
     procs = [
         start_projector(pair, tmp_path / "a"),
         start_projector(with_changes(pair, **local_stack.free_addresses()), tmp_path / "b"),
@@ -193,6 +195,7 @@ def test_projector_health_follows_its_nats_connection(
 ) -> None:
     settings = isolated_settings(infra, nats_url=own_nats.url)
     asyncio.run(migrate(settings))
+    asyncio.run(publish_events(settings, []))
     projector = start_projector(settings, tmp_path)
     nats = own_nats
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -87,9 +88,19 @@ def test_compose_runs_real_cli_commands_and_nats_config_is_valid() -> None:
     for address in re.findall(r'"orders", "health", "([0-9.:]+)"', compose):
         build_parser().parse_args(["health", address])
     result = subprocess.run(
-        [nats_server_binary(), "-t", "-c", str(ROOT / "deploy" / "nats-server.conf")], capture_output=True, text=True
+        [nats_server_binary(), "-t", "-c", str(ROOT / "deploy" / "nats-server.conf")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **COMPOSE_SECRETS},
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+COMPOSE_SECRETS = {
+    "ORDERS_NATS_COMMAND_PASSWORD": "command-secret",
+    "ORDERS_NATS_PROJECTOR_PASSWORD": "projector-secret",
+    "ORDERS_AUTH_TOKENS": "ops admin,orders:read,orders:write,inventory:write " + "t" * 32,
+}
 
 
 def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() -> None:
@@ -99,11 +110,25 @@ def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() ->
     if docker_compose is None:
         pytest.skip("docker-compose not installed (Debian package docker-compose; .ci/run installs it)")
     compose = ROOT / "docker-compose.yml"
-    checked = subprocess.run([docker_compose, "-f", str(compose), "config", "-q"], capture_output=True, text=True)
+    env = {**os.environ, **COMPOSE_SECRETS}
+    checked = subprocess.run(
+        [docker_compose, "-f", str(compose), "config", "-q"], capture_output=True, text=True, env=env
+    )
     assert checked.returncode == 0, checked.stderr
     listed = subprocess.run(
-        [docker_compose, "-f", str(compose), "config", "--services"], capture_output=True, text=True, check=True
+        [docker_compose, "-f", str(compose), "config", "--services"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
     )
+    missing = subprocess.run(
+        [docker_compose, "-f", str(compose), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k not in COMPOSE_SECRETS},
+    )
+    assert missing.returncode != 0 and "set it" in missing.stderr  # no default passwords or tokens
     assert set(listed.stdout.split()) == {
         "postgres-write",
         "postgres-read",

@@ -1,0 +1,118 @@
+"""The shipped NATS permissions (deploy/nats-auth.conf): each service can do its part and nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import nats
+import psycopg
+import pytest
+
+from orders import jetstream, local_stack
+from orders.config import Settings
+from orders.db import libpq_url
+from orders.v1 import commands_pb2_grpc
+from tests.support import Infra, add_product, eventually, isolated_settings, migrate, new_sku, place
+
+ROOT = Path(__file__).resolve().parents[2]
+PASSWORDS = {"ORDERS_NATS_COMMAND_PASSWORD": "command-pw-4f1c", "ORDERS_NATS_PROJECTOR_PASSWORD": "projector-pw-9a2e"}
+
+
+@pytest.fixture
+def guarded_nats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[local_stack.LocalNats]:
+    for name, value in PASSWORDS.items():
+        monkeypatch.setenv(name, value)  # nats-server reads them from its environment
+    (tmp_path / "nats").mkdir()
+    shutil.copy(ROOT / "deploy" / "nats-auth.conf", tmp_path / "nats")  # includes are relative to the config
+    server = local_stack.start_nats(tmp_path / "nats", extra_config="include ./nats-auth.conf\n")
+    yield server
+    server.stop()
+
+
+def projected(settings: Settings, order_id: str) -> bool:
+    with psycopg.connect(libpq_url(settings.read_database_url)) as conn:
+        return conn.execute("SELECT 1 FROM order_summaries WHERE order_id = %s", (order_id,)).fetchone() is not None
+
+
+def as_user(settings: Settings, user: str, password: str) -> Settings:
+    return replace(settings, nats_user=user, nats_password=password, stream="ORDERS_EVENTS")
+
+
+def test_each_service_can_do_its_part_and_nothing_else(
+    infra: Infra, guarded_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    base = isolated_settings(infra, nats_url=guarded_nats.url)
+    asyncio.run(migrate(base))
+    command = as_user(base, "orders-command", PASSWORDS["ORDERS_NATS_COMMAND_PASSWORD"])
+    projector = as_user(base, "orders-projector", PASSWORDS["ORDERS_NATS_PROJECTOR_PASSWORD"])
+    procs = [
+        local_stack.start_service("command_service", command.to_env(), tmp_path / "command"),
+        local_stack.start_service("projector", projector.to_env(), tmp_path / "projector"),
+    ]
+    try:
+        for address in (command.command_addr, projector.admin_addr):
+            local_stack.wait_until(lambda a=address: local_stack.grpc_serving(a), 60, f"{address} SERVING")
+        with grpc.insecure_channel(command.command_addr) as channel:
+            stub = commands_pb2_grpc.CommandServiceStub(channel)
+            sku = new_sku("N")
+            add_product(stub, sku, stock=2)
+            order = place(stub, "guarded", (sku, 1))
+        eventually(lambda: projected(projector, order.order_id), 15, "the order projected")
+
+        async def attempts() -> dict[str, bool]:
+            outcome = {}
+            nc = await jetstream.connect(projector, "intruder", retry_forever=False)
+            try:
+                js = nc.jetstream(timeout=2)
+                try:
+                    await js.publish(f"orders.v1.events.order.{order.order_id}", b"forged")
+                    outcome["projector publishes an event"] = True
+                except Exception:
+                    outcome["projector publishes an event"] = False
+                try:
+                    await nc.jsm().delete_stream("ORDERS_EVENTS")
+                    outcome["projector deletes the stream"] = True
+                except Exception:
+                    outcome["projector deletes the stream"] = False
+                outcome["stream still holds 4 events"] = (
+                    await nc.jsm().stream_info("ORDERS_EVENTS")
+                ).state.messages == 4
+            finally:
+                await jetstream.close(nc)
+            nc = await jetstream.connect(command, "snoop", retry_forever=False)
+            try:
+                try:
+                    await nc.jetstream(timeout=2).pull_subscribe("orders.v1.events.>", durable="snoop")
+                    outcome["command creates a consumer"] = True
+                except Exception:
+                    outcome["command creates a consumer"] = False
+            finally:
+                await jetstream.close(nc)
+            try:
+                await nats.connect(
+                    guarded_nats.url,
+                    user="orders-projector",
+                    password="wrong",
+                    allow_reconnect=False,
+                    connect_timeout=2,
+                )
+                outcome["wrong password connects"] = True
+            except Exception:
+                outcome["wrong password connects"] = False
+            return outcome
+
+        assert asyncio.run(attempts()) == {
+            "projector publishes an event": False,
+            "projector deletes the stream": False,
+            "stream still holds 4 events": True,  # product upsert, stock, order, stock change
+            "command creates a consumer": False,
+            "wrong password connects": False,
+        }
+    finally:
+        for proc in procs:
+            proc.stop()
