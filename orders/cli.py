@@ -38,6 +38,14 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_create_roles(args: argparse.Namespace, settings: Settings) -> int:
+    from orders import roles
+
+    asyncio.run(roles.apply(settings))
+    print(f"roles {roles.COMMAND}, {roles.PROJECTOR} and {roles.QUERY} are in place with their grants")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Start PostgreSQL, NATS and the three services; stop everything on Ctrl-C or SIGTERM."""
     from orders import local_stack, migrations
@@ -559,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("query-service", _run_module("query_service"), "run the QueryService")
     add("projector", _run_module("projector"), "run the projector")
     add("migrate", cmd_migrate, "create the databases and tables that are missing")
+    add("create-roles", cmd_create_roles, "create one least-privilege PostgreSQL role per service (after migrate)")
     add("settings", cmd_settings, "list every ORDERS_* variable with its default")
     p = add("health", cmd_health, "exit 0 when the gRPC server at ADDRESS reports SERVING")
     p.add_argument("address", help="HOST:PORT")

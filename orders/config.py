@@ -105,6 +105,9 @@ class Settings:
         _parse_urls("nats", "tls"),
         "NATS server URL, or comma-separated URLs of several cluster nodes (tried in turn).",
     )
+    command_db_password: str = _setting("", str, "`orders create-roles`: password of the orders_command role.")
+    projector_db_password: str = _setting("", str, "`orders create-roles`: password of the orders_projector role.")
+    query_db_password: str = _setting("", str, "`orders create-roles`: password of the orders_query role.")
     nats_user: str = _setting("", str, "NATS user name (with ORDERS_NATS_PASSWORD).")
     nats_password: str = _setting("", str, "NATS password.")
     nats_creds_file: str = _setting("", str, "NATS credentials file (JWT and nkey seed), instead of user/password.")

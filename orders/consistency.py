@@ -39,9 +39,11 @@ def decode(token: str) -> Versions:
             raise ValueError
         versions: Versions = {}
         for kind, ident, version in body:
-            if kind not in _KIND_BACK or not isinstance(ident, str) or not ident:
+            if kind not in _KIND_BACK or not isinstance(ident, str) or not ident or len(ident) > 128:
                 raise ValueError
-            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            if any(ord(ch) < 32 for ch in ident):  # no id holds control characters (nor can PostgreSQL: NUL)
+                raise ValueError
+            if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < 2**63:
                 raise ValueError
             versions[(_KIND_BACK[kind], ident)] = version
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):

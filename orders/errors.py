@@ -40,15 +40,22 @@ class FieldViolation:
     description: str
 
 
+MAX_REPORTED_VIOLATIONS = 20  # keeps the status within gRPC's 8 KB limit on response metadata
+MAX_DESCRIPTION = 200
+
+
 class InvalidArgument(DomainError):
-    """Malformed or out-of-range input; lists every violated field."""
+    """Malformed or out-of-range input; lists the violated fields (the first 20, then a count)."""
 
     code = code_pb2.INVALID_ARGUMENT
 
     def __init__(self, violations: list[FieldViolation]) -> None:
-        fields = ", ".join(v.field for v in violations)
-        super().__init__(f"invalid request: {fields}")
-        self.violations = violations
+        shown = [FieldViolation(v.field[:MAX_DESCRIPTION], v.description[:MAX_DESCRIPTION]) for v in violations]
+        if len(shown) > MAX_REPORTED_VIOLATIONS:
+            more = len(shown) - MAX_REPORTED_VIOLATIONS + 1
+            shown = shown[: MAX_REPORTED_VIOLATIONS - 1] + [FieldViolation("request", f"and {more} more violations")]
+        super().__init__(f"invalid request: {', '.join(dict.fromkeys(v.field for v in shown))}")
+        self.violations = shown
 
     def details(self) -> list[object]:
         return [

@@ -212,6 +212,5 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
             raise InvalidArgument([FieldViolation("order_ids", "set exactly one of order_ids or customer_id")])
         if len(request.order_ids) > MAX_WATCHED_ORDERS:
             raise InvalidArgument([FieldViolation("order_ids", f"at most {MAX_WATCHED_ORDERS} orders per watch")])
-        if len(request.customer_id) > 128:
-            raise InvalidArgument([FieldViolation("customer_id", "must be at most 128 characters")])
+        views.check_text(request.customer_id, "customer_id", 128)
         return sorted({_order_id(v, f"order_ids[{i}]") for i, v in enumerate(request.order_ids)})

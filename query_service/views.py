@@ -6,6 +6,7 @@ import base64
 import binascii
 import hashlib
 import json
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -85,6 +86,22 @@ def encode_page_token(state: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode().rstrip("=")
 
 
+def text_problem(value: str, max_length: int) -> str | None:
+    """Why a free-text input cannot be used (None when it can): too long, or control characters
+    (PostgreSQL cannot even hold a NUL)."""
+    if len(value) > max_length:
+        return f"must be at most {max_length} characters"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return "must not contain control characters"
+    return None
+
+
+def check_text(value: str, field: str, max_length: int) -> None:
+    problem = text_problem(value, max_length)
+    if problem:
+        raise InvalidArgument([FieldViolation(field, problem)])
+
+
 def decode_page_token(token: str, expected_keys: set[str]) -> dict[str, Any]:
     bad = InvalidArgument([FieldViolation("page_token", "is not a page token returned by this call")])
     if len(token) > 1024:
@@ -102,8 +119,9 @@ def _filter_conditions(filt: queries_pb2.OrderFilter) -> list[Any]:
     violations: list[FieldViolation] = []
     conditions: list[Any] = []
     if filt.customer_id:
-        if len(filt.customer_id) > 128:
-            violations.append(FieldViolation("filter.customer_id", "must be at most 128 characters"))
+        problem = text_problem(filt.customer_id, 128)
+        if problem:
+            violations.append(FieldViolation("filter.customer_id", problem))
         conditions.append(order_summaries.c.customer_id == filt.customer_id)
     if filt.status:
         if filt.status not in _STATUS_NAMES:
@@ -206,8 +224,7 @@ class ReadModel:
         last row's key and a fingerprint of the query, so pages stay stable while orders arrive (a new
         order sorts before or after the cursor, never into a page already served).
         """
-        if len(query) > MAX_QUERY_LENGTH:
-            raise InvalidArgument([FieldViolation("query", f"must be at most {MAX_QUERY_LENGTH} characters")])
+        check_text(query, "query", MAX_QUERY_LENGTH)
         stmt, rank = search_statement(query, filt)
         fingerprint = hashlib.sha256(query.encode() + filt.SerializeToString(deterministic=True)).hexdigest()[:16]
         if token:
@@ -215,8 +232,11 @@ class ReadModel:
             try:
                 if after["q"] != fingerprint:
                     raise ValueError("page token of a different query")
-                key = (int(after["r"]), datetime.fromisoformat(after["t"]), str(after["i"]))
-            except (TypeError, ValueError):
+                rank_key, placed = after["r"], datetime.fromisoformat(after["t"])
+                if not isinstance(rank_key, int) or not -(2**63) <= rank_key < 2**63 or placed.tzinfo is None:
+                    raise ValueError("forged page token")
+                key = (rank_key, placed, str(uuid.UUID(after["i"])))
+            except (TypeError, ValueError, AttributeError):
                 raise InvalidArgument(
                     [FieldViolation("page_token", "is not a page token returned by this call for this query")]
                 ) from None
@@ -240,12 +260,11 @@ class ReadModel:
         self, size: int, token: str, in_stock_only: bool, name_prefix: str
     ) -> tuple[list[queries_pb2.ProductView], str]:
         """Products by SKU, keyset-paginated."""
-        if len(name_prefix) > 200:
-            raise InvalidArgument([FieldViolation("name_prefix", "must be at most 200 characters")])
+        check_text(name_prefix, "name_prefix", 200)
         stmt = sa.select(product_views).order_by(product_views.c.sku).limit(size + 1)
         if token:
             after = decode_page_token(token, {"after"})["after"]
-            if not isinstance(after, str):
+            if not isinstance(after, str) or text_problem(after, 64):
                 raise InvalidArgument([FieldViolation("page_token", "is not a page token returned by this call")])
             stmt = stmt.where(product_views.c.sku > after)
         if in_stock_only:
