@@ -30,6 +30,7 @@ class LocalSystem:
     settings: Settings
     work: Path
     processes: list[local_stack.ManagedProcess] = field(default_factory=list)
+    extra: dict[str, str] = field(default_factory=dict)  # what a benchmark adds (e.g. another address)
 
     def start(self, *modules: str, **overrides: Any) -> None:
         """Start service processes (with setting overrides) and wait for each to answer SERVING."""
@@ -40,6 +41,12 @@ class LocalSystem:
             self.processes.append(proc)
             address = getattr(settings, addresses[module])
             local_stack.wait_until(lambda a=address: local_stack.grpc_serving(a), 60, f"{module} SERVING")
+
+    def stop(self, module: str) -> None:
+        """Stop the (first started) process of module."""
+        proc = next(p for p in self.processes if p.name == module)
+        proc.stop()
+        self.processes.remove(proc)
 
 
 @contextlib.contextmanager

@@ -126,6 +126,26 @@ def scrape_metrics(address: str) -> dict[str, float]:
     }
 
 
+def synthetic_read_model_sql(orders: int) -> str:
+    """SQL that fills an empty read model with `orders` summaries (5,000 customers, 1,000 products)."""
+    return f"""
+INSERT INTO order_summaries (order_id, customer_id, status, lines, item_count, total_minor, currency, placed_at,
+                             updated_at, cancel_reason, version, stream_seq, search)
+SELECT md5(i::text)::uuid::text, 'customer-' || (i % 5000),
+       CASE WHEN i % 7 = 0 THEN 'CANCELLED' ELSE 'PLACED' END,
+       jsonb_build_array(jsonb_build_object('sku', 'SKU-' || (i % 1000), 'name', 'Gadget g' || (i % 1000),
+                                            'quantity', 1 + i % 3, 'unit_price_minor', 250)),
+       1 + i % 3, 250 * (1 + i % 3), 'EUR', now() - i * interval '1 minute', now() - i * interval '1 minute', '',
+       CASE WHEN i % 7 = 0 THEN 2 ELSE 1 END, i,
+       to_tsvector('simple', 'customer-' || (i % 5000) || ' SKU-' || (i % 1000) || ' Gadget g' || (i % 1000))
+FROM generate_series(1, {orders}) AS i;
+INSERT INTO product_views (sku, name, unit_price_minor, currency, stock, version, stream_seq, updated_at)
+SELECT 'SKU-' || i, 'Gadget g' || i, 250, 'EUR', i % 4, 1, {orders} + i, now() FROM generate_series(0, 999) AS i;
+ANALYZE order_summaries;
+ANALYZE product_views;
+"""
+
+
 @dataclass
 class History:
     """A consistent synthetic event history, and the read state it must project to."""

@@ -15,6 +15,7 @@ import grpc
 import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from orders import local_stack, security
 from orders.config import ConfigError, Settings
@@ -109,6 +110,7 @@ def test_tls_and_tokens_on_the_query_service(
         assert code_of(queries.WatchOrderSummaries, watch, timeout=5) == grpc.StatusCode.UNAUTHENTICATED
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING  # open without a token
+        assert "orders.v1.QueryService" in ProtoReflectionDescriptorDatabase(channel).get_services()  # open too
     with grpc.insecure_channel(settings.query_addr) as plaintext:
         assert code_of(queries_pb2_grpc.QueryServiceStub(plaintext).ListProducts, request, timeout=5) == (
             grpc.StatusCode.UNAVAILABLE
@@ -206,7 +208,7 @@ def test_mtls_and_scopes_on_the_command_service(stack: Stack, pki: Pki, tmp_path
         proc.stop()
 
 
-def test_token_configuration_is_checked(stack: Stack) -> None:
+def test_token_configuration_is_checked(stack: Stack, tmp_path: Path) -> None:
     base = replace(stack.settings, auth="on")
     with pytest.raises(ConfigError, match="no tokens are configured"):
         security.load_tokens(base)
@@ -216,8 +218,11 @@ def test_token_configuration_is_checked(stack: Stack) -> None:
         security.load_tokens(replace(base, auth_tokens="x orders:read short"))
     with pytest.raises(ConfigError, match="the same token appears twice"):
         security.load_tokens(replace(base, auth_tokens=f"a orders:read {READER}; b admin {READER}"))
-    tokens = security.load_tokens(replace(base, auth_tokens=TOKENS))
-    assert tokens is not None and [t.name for t in tokens] == ["reader", "writer", "stockist"]
+    token_file = tmp_path / "tokens"
+    token_file.write_text(f"# name scopes token\nops admin,orders:read {'o' * 30}\n")
+    tokens = security.load_tokens(replace(base, auth_tokens=TOKENS, auth_tokens_file=str(token_file)))
+    assert tokens is not None and [t.name for t in tokens] == ["reader", "writer", "stockist", "ops"]
+    assert tokens[3].scopes == {"admin", "orders:read"} and "o" * 30 not in repr(tokens)
     assert security.required_scope("/orders.v1.AdminService/ListDeadLetters") == "admin"
     assert security.required_scope("/grpc.health.v1.Health/Check") is None
     assert "authentication is OFF" in (stack.log_dir / "command_service.log").read_text()

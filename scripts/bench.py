@@ -1,0 +1,641 @@
+"""The benchmark: every figure next to the raw building block doing the same work, in the same run.
+
+Usage: .venv/bin/python scripts/bench.py [--concurrency 16] [--seconds 20] [--runs 3] [--backlog 100000]
+                                         [--read-orders 100000] [--out bench-results]
+
+Starts its own local system (embedded PostgreSQL with fsync on, nats-server with fsync before every ack,
+the three services), then per run:
+
+1. raw SQL: the PlaceOrder transaction (order, 3 items, 3 conditional stock updates, outbox row) issued
+   directly with psycopg at --concurrency, on a database of its own;
+2. commands at full speed: PlaceOrder, with CancelOrder and UpdateInventory at --cancel-share and
+   --inventory-share, over gRPC from --clients client processes at --concurrency, while the projector's
+   lag is sampled; then again paced at half the rate reached, measuring visibility (command OK →
+   the order readable through a token-guarded GetOrderSummary, every 5th order);
+3. the projector draining a --backlog of events, next to a plain JetStream pull consumer (fetch + ack)
+   reading the same events, and JetStream publishes of the same events awaiting their acks;
+4. queries on a read model of --read-orders orders: GetOrderSummary at 16 concurrent callers,
+   SearchOrders, and ListOrderSummaries streams of 10,000 rows.
+
+Writes <out>/bench.json (every figure, per run and median, with the machine), <out>/bench.md (the
+table) and <out>/bench.png (latency percentiles and projector lag over time; needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import multiprocessing as mp
+import random
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench_common import ROOT, LocalSystem, local_system, machine, median, percentile
+
+sys.path.insert(0, str(ROOT))
+import grpc  # noqa: E402
+import psycopg  # noqa: E402
+
+from orders import jetstream  # noqa: E402
+from orders.db import ensure_database, libpq_url  # noqa: E402
+from orders.events import PRODUCT, EventContext, build_event  # noqa: E402
+from orders.migrations import WRITE, upgrade  # noqa: E402
+from orders.v1 import (  # noqa: E402
+    commands_pb2,
+    commands_pb2_grpc,
+    common_pb2,
+    events_pb2,
+    queries_pb2,
+    queries_pb2_grpc,
+)
+from projector import lag  # noqa: E402
+from tests.support import publish_events, synthetic_history, synthetic_read_model_sql  # noqa: E402
+
+SKUS = [f"BENCH-{i:03d}" for i in range(200)]
+PCTS = (50, 95, 99)
+
+
+def summary(latencies: list[float], seconds: float) -> dict[str, float]:
+    return {"per_second": len(latencies) / seconds, **{f"p{p}_ms": percentile(latencies, p) * 1000 for p in PCTS}}
+
+
+# --- 1. raw SQL ---------------------------------------------------------------------------------
+
+
+async def raw_sql(url: str, concurrency: int, seconds: float) -> dict[str, float]:
+    """The PlaceOrder transaction's 8 statements, straight through psycopg, at the same concurrency."""
+    await ensure_database(url)
+    await asyncio.to_thread(upgrade, url, WRITE)
+    async with await psycopg.AsyncConnection.connect(libpq_url(url), autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO products (sku, name, unit_price_minor, currency, stock, version) "
+            "SELECT unnest(%s::text[]), 'raw', 100, 'EUR', 1000000000, 1 ON CONFLICT DO NOTHING",
+            (SKUS,),
+        )
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+
+    async def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        async with await psycopg.AsyncConnection.connect(libpq_url(url)) as conn:
+            while time.monotonic() < deadline:
+                started = time.perf_counter()
+                order_id, skus = str(uuid.uuid4()), sorted(rng.sample(SKUS, 3))
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO orders (id, customer_id, status, total_minor, currency, version, created_at,"
+                        " updated_at) VALUES (%s, 'raw', 'PLACED', 300, 'EUR', 1, now(), now())",
+                        (order_id,),
+                    )
+                    for line, sku in enumerate(skus):
+                        await conn.execute(
+                            "INSERT INTO order_items (order_id, line_no, sku, name, quantity, unit_price_minor)"
+                            " VALUES (%s, %s, %s, 'raw', 1, 100)",
+                            (order_id, line, sku),
+                        )
+                    for sku in skus:
+                        await conn.execute(
+                            "UPDATE products SET stock = stock - 1, version = version + 1"
+                            " WHERE sku = %s AND stock >= 1",
+                            (sku,),
+                        )
+                    await conn.execute(
+                        "INSERT INTO outbox (event_id, subject, headers, payload) VALUES (%s, 'raw', '{}', %s)",
+                        (str(uuid.uuid4()), b"x" * 300),
+                    )
+                latencies.append(time.perf_counter() - started)
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    return summary(latencies, time.monotonic() - started)
+
+
+# --- 2. commands over gRPC ------------------------------------------------------------------------
+
+
+def load_process(job: dict[str, Any], results: Any) -> None:
+    """One client process: `concurrency` async callers for `seconds`, closed loop or paced at `rate`."""
+
+    async def run() -> dict[str, Any]:
+        rng = random.Random(job["seed"])
+        latencies: dict[str, list[float]] = {"PlaceOrder": [], "CancelOrder": [], "UpdateInventory": []}
+        visibility: list[float] = []
+        failures: dict[str, int] = {}
+        placed: list[str] = []
+        deadline = time.monotonic() + job["seconds"]
+        async with (
+            grpc.aio.insecure_channel(job["command_addr"]) as cc,
+            grpc.aio.insecure_channel(job["query_addr"]) as qc,
+        ):
+            commands, queries = commands_pb2_grpc.CommandServiceStub(cc), queries_pb2_grpc.QueryServiceStub(qc)
+
+            async def one(kind: str) -> Any:
+                if kind == "CancelOrder" and placed:
+                    order_id = placed.pop(rng.randrange(len(placed)))
+                    return await commands.CancelOrder(
+                        commands_pb2.CancelOrderRequest(request_id=str(uuid.uuid4()), order_id=order_id), timeout=10
+                    )
+                if kind == "UpdateInventory":
+                    return await commands.UpdateInventory(
+                        commands_pb2.UpdateInventoryRequest(
+                            request_id=str(uuid.uuid4()), sku=rng.choice(SKUS), delta=5
+                        ),
+                        timeout=10,
+                    )
+                lines = [commands_pb2.PlaceOrderLine(sku=s, quantity=1) for s in rng.sample(SKUS, rng.randint(1, 3))]
+                request = commands_pb2.PlaceOrderRequest(
+                    request_id=str(uuid.uuid4()), customer_id=f"bench-{rng.randrange(1000)}", lines=lines
+                )
+                return await commands.PlaceOrder(request, timeout=10)
+
+            async def caller(index: int) -> None:
+                count = 0
+                interval = job["concurrency"] / job["rate"] if job["rate"] else 0.0
+                next_at = time.monotonic() + index * interval / job["concurrency"]
+                while time.monotonic() < deadline:
+                    if interval:
+                        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                        next_at += interval
+                    roll = rng.random()
+                    kind = (
+                        "CancelOrder"
+                        if roll < job["cancel_share"]
+                        else "UpdateInventory"
+                        if roll < job["cancel_share"] + job["inventory_share"]
+                        else "PlaceOrder"
+                    )
+                    kind = kind if kind != "CancelOrder" or placed else "PlaceOrder"
+                    started = time.perf_counter()
+                    try:
+                        reply = await one(kind)
+                    except grpc.aio.AioRpcError as err:
+                        failures[f"{kind} {err.code().name}"] = failures.get(f"{kind} {err.code().name}", 0) + 1
+                        continue
+                    answered = time.perf_counter()
+                    latencies[kind].append(answered - started)
+                    if kind == "PlaceOrder":
+                        placed.append(reply.order_id)
+                        count += 1
+                        if job["visibility"] and count % 5 == 0:
+                            await queries.GetOrderSummary(
+                                queries_pb2.GetOrderSummaryRequest(
+                                    order_id=reply.order_id, consistency_token=reply.consistency_token
+                                ),
+                                timeout=10,
+                            )
+                            visibility.append(time.perf_counter() - answered)
+
+            await asyncio.gather(*(caller(i) for i in range(job["concurrency"])))
+        return {"latencies": latencies, "visibility": visibility, "failures": failures}
+
+    results.put(asyncio.run(run()))
+
+
+def drive(system: LocalSystem, args: argparse.Namespace, rate: float, visibility: bool, run: int) -> dict[str, Any]:
+    """Commands from args.clients processes; the projector's lag sampled meanwhile."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    per_client = max(1, args.concurrency // args.clients)
+    jobs = [
+        {
+            "command_addr": system.settings.command_addr,
+            "query_addr": system.settings.query_addr,
+            "concurrency": per_client,
+            "seconds": args.seconds,
+            "rate": rate / args.clients,
+            "cancel_share": args.cancel_share,
+            "inventory_share": args.inventory_share,
+            "visibility": visibility,
+            "seed": run * 100 + i,
+        }
+        for i in range(args.clients)
+    ]
+    procs = [ctx.Process(target=load_process, args=(job, results)) for job in jobs]
+    started = time.monotonic()
+    for proc in procs:
+        proc.start()
+    lags, memory = asyncio.run(sample_while(system, [p for p in procs], started))
+    outputs = [results.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+    elapsed = time.monotonic() - started
+    merged: dict[str, list[float]] = {}
+    for out in outputs:
+        for kind, values in out["latencies"].items():
+            merged.setdefault(kind, []).extend(values)
+    failures: dict[str, int] = {}
+    for out in outputs:
+        for key, n in out["failures"].items():
+            failures[key] = failures.get(key, 0) + n
+    total = sum(len(v) for v in merged.values())
+    return {
+        "commands_per_second": total / elapsed,
+        "by_rpc": {kind: summary(values, elapsed) for kind, values in merged.items() if values},
+        "visibility_ms": {f"p{p}": percentile([v for o in outputs for v in o["visibility"]], p) * 1000 for p in PCTS},
+        "failures": failures,
+        "lag": lags,
+        "max_rss_mb": memory,
+    }
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+async def sample_while(
+    system: LocalSystem, procs: list[Any], started: float
+) -> tuple[list[tuple[float, int]], dict[str, float]]:
+    """Every 0.5 s until procs end: the projection lag in events, and each service's resident memory."""
+    nc = await jetstream.connect(system.settings, "bench-lag", retry_forever=False)
+    lags: list[tuple[float, int]] = []
+    memory: dict[str, float] = {}
+    try:
+        while any(p.is_alive() for p in procs):
+            lags.append((time.monotonic() - started, (await lag.measure(nc, system.settings)).events))
+            for proc in system.processes:
+                memory[proc.name] = max(memory.get(proc.name, 0.0), rss_mb(proc.pid))
+            await asyncio.sleep(0.5)
+        while (await lag.measure(nc, system.settings)).events > 0:  # the tail after the load stopped
+            lags.append((time.monotonic() - started, (await lag.measure(nc, system.settings)).events))
+            await asyncio.sleep(0.5)
+    finally:
+        await jetstream.close(nc)
+    return lags, memory
+
+
+# --- 3. projector backlog, next to raw JetStream ---------------------------------------------------
+
+
+async def raw_jetstream(system: LocalSystem, count: int) -> dict[str, float]:
+    """Publish `count` events like the relay does (256 acks in flight), then read them with a pull consumer."""
+    meta = EventContext(occurred_at=datetime.now(UTC), correlation_id=str(uuid.uuid4()), causation_id="bench")
+    upserted = events_pb2.ProductUpserted(name="raw", unit_price=common_pb2.Money(currency_code="EUR", minor_units=1))
+    event = build_event(meta, PRODUCT, "RAW-1", 1, product_upserted=upserted)
+    nc = await jetstream.connect(system.settings, "bench-raw", retry_forever=False)
+    try:
+        js = nc.jetstream(timeout=30)
+        stream = "BENCH_RAW"
+        await js.add_stream(name=stream, subjects=["bench.raw.>"])
+        started = time.monotonic()
+        in_flight = asyncio.Semaphore(256)
+
+        async def publish(i: int) -> None:
+            async with in_flight:
+                await js.publish(f"bench.raw.{i % 1000}", event.payload, headers={"Nats-Msg-Id": str(uuid.uuid4())})
+
+        await asyncio.gather(*(publish(i) for i in range(count)))
+        publish_rate = count / (time.monotonic() - started)
+        sub = await js.pull_subscribe("bench.raw.>", durable="raw", stream=stream)
+        started, seen = time.monotonic(), 0
+        while seen < count:
+            msgs = await sub.fetch(256, timeout=5)
+            for msg in msgs:
+                await msg.ack()
+            seen += len(msgs)
+        consume_rate = count / (time.monotonic() - started)
+        await js.delete_stream(stream)
+    finally:
+        await jetstream.close(nc)
+    return {"publish_per_second": publish_rate, "consume_per_second": consume_rate}
+
+
+def drain(system: LocalSystem, backlog: int, run: int) -> dict[str, Any]:
+    """Stop the projector, publish a backlog of synthetic events, start it, time it until caught up."""
+    system.stop("projector")
+    history = synthetic_history(backlog, backlog // 10, 200, seed=run, prefix=f"D{run}x{uuid.uuid4().hex[:4]}")
+    asyncio.run(publish_events(system.settings, history.events))
+    started = time.monotonic()
+    system.start("projector")
+    nc_lags: list[tuple[float, int]] = []
+
+    async def wait() -> None:
+        nc = await jetstream.connect(system.settings, "bench-drain", retry_forever=False)
+        try:
+            while True:
+                behind = (await lag.measure(nc, system.settings)).events
+                nc_lags.append((time.monotonic() - started, behind))
+                if behind == 0:
+                    return
+                await asyncio.sleep(0.5)
+        finally:
+            await jetstream.close(nc)
+
+    asyncio.run(wait())
+    seconds = time.monotonic() - started
+    return {
+        "events": len(history.events),
+        "seconds": seconds,
+        "per_second": len(history.events) / seconds,
+        "lag": nc_lags,
+    }
+
+
+# --- 4. queries ------------------------------------------------------------------------------------
+
+
+def query_process(job: dict[str, Any], results: Any) -> None:
+    async def run() -> dict[str, list[float]]:
+        rng = random.Random(job["seed"])
+        out: dict[str, list[float]] = {"GetOrderSummary": [], "SearchOrders": [], "ListOrderSummaries": []}
+        deadline = time.monotonic() + job["seconds"]
+        async with grpc.aio.insecure_channel(job["query_addr"]) as channel:
+            queries = queries_pb2_grpc.QueryServiceStub(channel)
+
+            async def caller() -> None:
+                while time.monotonic() < deadline:
+                    started = time.perf_counter()
+                    if job["kind"] == "GetOrderSummary":
+                        order = str(uuid.UUID(hashlib.md5(str(rng.randint(1, job["orders"])).encode()).hexdigest()))
+                        await queries.GetOrderSummary(queries_pb2.GetOrderSummaryRequest(order_id=order), timeout=10)
+                    elif job["kind"] == "SearchOrders":
+                        await queries.SearchOrders(
+                            queries_pb2.SearchOrdersRequest(query=f"g{rng.randrange(1000)}", page_size=20), timeout=10
+                        )
+                    else:
+                        stream = queries.ListOrderSummaries(queries_pb2.ListOrderSummariesRequest(), timeout=60)
+                        rows = 0
+                        async for _ in stream:
+                            rows += 1
+                            if rows == 10_000:
+                                stream.cancel()
+                                break
+                    out[job["kind"]].append(time.perf_counter() - started)
+
+            await asyncio.gather(*(caller() for _ in range(job["concurrency"])))
+        return out
+
+    results.put(asyncio.run(run()))
+
+
+def query_bench(system: LocalSystem, args: argparse.Namespace, run: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    report: dict[str, Any] = {}
+    for kind, concurrency in (("GetOrderSummary", 16), ("SearchOrders", 16), ("ListOrderSummaries", 2)):
+        results = ctx.Queue()
+        jobs = [
+            {
+                "query_addr": system.extra["big_query_addr"],
+                "kind": kind,
+                "concurrency": concurrency // 2,
+                "seconds": args.seconds / 2,
+                "orders": args.read_orders,
+                "seed": run * 10 + i,
+            }
+            for i in range(2)
+        ]
+        procs = [ctx.Process(target=query_process, args=(job, results)) for job in jobs]
+        started = time.monotonic()
+        for proc in procs:
+            proc.start()
+        outs = [results.get(timeout=120) for _ in procs]
+        elapsed = time.monotonic() - started
+        for proc in procs:
+            proc.join(30)
+        values = [v for out in outs for v in out[kind]]
+        report[kind] = summary(values, elapsed)
+        if kind == "ListOrderSummaries":
+            report[kind]["rows_per_second"] = report[kind]["per_second"] * 10_000
+    return report
+
+
+def big_read_model(system: LocalSystem, orders: int) -> None:
+    """A second read database with `orders` synthetic summaries, served by a query service of its own."""
+    url = system.settings.read_database_url.rsplit("/", 1)[0] + "/bench_big_read"
+    asyncio.run(ensure_database(url))
+    from orders.migrations import READ
+
+    upgrade(url, READ)
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        if conn.execute("SELECT count(*) FROM order_summaries").fetchone() == (0,):
+            conn.execute(synthetic_read_model_sql(orders))
+    from orders import local_stack
+
+    addresses = local_stack.free_addresses()
+    system.start("query_service", read_database_url=url, **addresses)
+    system.extra["big_query_addr"] = addresses["query_addr"]
+
+
+# --- orchestration ---------------------------------------------------------------------------------
+
+
+def seed_products(system: LocalSystem) -> None:
+    with grpc.insecure_channel(system.settings.command_addr) as channel:
+        stub = commands_pb2_grpc.CommandServiceStub(channel)
+        for sku in SKUS:
+            price = common_pb2.Money(currency_code="EUR", minor_units=500)
+            stub.UpsertProduct(
+                commands_pb2.UpsertProductRequest(
+                    request_id=str(uuid.uuid4()), sku=sku, name=f"Bench {sku}", unit_price=price
+                ),
+                timeout=10,
+            )
+            stub.UpdateInventory(
+                commands_pb2.UpdateInventoryRequest(request_id=str(uuid.uuid4()), sku=sku, set_level=10_000_000),
+                timeout=10,
+            )
+
+
+def one_run(system: LocalSystem, args: argparse.Namespace, run: int) -> dict[str, Any]:
+    raw_url = system.settings.write_database_url.rsplit("/", 1)[0] + f"/bench_raw_{run}"
+    result: dict[str, Any] = {"raw_sql": asyncio.run(raw_sql(raw_url, args.concurrency, args.seconds))}
+    log(run, "raw SQL", result["raw_sql"])
+    result["commands_max"] = drive(system, args, rate=0.0, visibility=False, run=run)
+    log(run, "commands at full speed", result["commands_max"]["commands_per_second"])
+    result["commands_paced"] = drive(
+        system, args, rate=result["commands_max"]["commands_per_second"] / 2, visibility=True, run=run
+    )
+    log(run, "commands at half speed, visibility", result["commands_paced"]["visibility_ms"])
+    result["raw_jetstream"] = asyncio.run(raw_jetstream(system, args.backlog))
+    log(run, "raw JetStream", result["raw_jetstream"])
+    result["projector_drain"] = drain(system, args.backlog, run)
+    log(run, "projector drain", result["projector_drain"]["per_second"])
+    result["queries"] = query_bench(system, args, run)
+    log(run, "queries", {k: round(v["per_second"]) for k, v in result["queries"].items()})
+    return result
+
+
+def log(run: int, what: str, value: Any) -> None:
+    print(f"run {run + 1}: {what}: {value}", file=sys.stderr, flush=True)
+
+
+def ratios(run: dict[str, Any]) -> dict[str, float]:
+    place = run["commands_max"]["by_rpc"]["PlaceOrder"]["per_second"]
+    return {
+        "placeorder_vs_raw_sql": place / run["raw_sql"]["per_second"],
+        "projected_vs_raw_consume": run["projector_drain"]["per_second"] / run["raw_jetstream"]["consume_per_second"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--clients", type=int, default=2, help="client processes for the command load")
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cancel-share", type=float, default=0.1)
+    parser.add_argument("--inventory-share", type=float, default=0.1)
+    parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--read-orders", type=int, default=100_000)
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, local_system(Path(tmp)) as system:
+        system.start("command_service", "projector", "query_service")
+        seed_products(system)
+        big_read_model(system, args.read_orders)
+        runs = [one_run(system, args, run) for run in range(args.runs)]
+        description = machine()
+    report = {"args": vars(args), "machine": description, "runs": runs, "median": medians(runs)}
+    (out / "bench.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out / "bench.md").write_text(table)
+    print(table)
+    chart(report, out / "bench.png")
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def pick(path: list[str]) -> float:
+        values = []
+        for run in runs:
+            node: Any = run
+            for key in path:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            if isinstance(node, (int, float)):
+                values.append(float(node))
+        return median(values)
+
+    figures = {
+        "raw_sql_tx_per_s": ["raw_sql", "per_second"],
+        "raw_sql_p50_ms": ["raw_sql", "p50_ms"],
+        "raw_sql_p99_ms": ["raw_sql", "p99_ms"],
+        "commands_per_s": ["commands_max", "commands_per_second"],
+        "visibility_p50_ms": ["commands_paced", "visibility_ms", "p50"],
+        "visibility_p99_ms": ["commands_paced", "visibility_ms", "p99"],
+        "raw_publish_per_s": ["raw_jetstream", "publish_per_second"],
+        "raw_consume_per_s": ["raw_jetstream", "consume_per_second"],
+        "projected_per_s": ["projector_drain", "per_second"],
+    }
+    for kind in ("PlaceOrder", "CancelOrder", "UpdateInventory"):
+        for stat in ("per_second", "p50_ms", "p95_ms", "p99_ms"):
+            figures[f"{kind}_{stat}"] = ["commands_max", "by_rpc", kind, stat]
+    for kind in ("GetOrderSummary", "SearchOrders", "ListOrderSummaries"):
+        for stat in ("per_second", "p50_ms", "p99_ms"):
+            figures[f"{kind}_{stat}"] = ["queries", kind, stat]
+    result = {name: pick(path) for name, path in figures.items()}
+    result["ListOrderSummaries_rows_per_s"] = pick(["queries", "ListOrderSummaries", "rows_per_second"])
+    result["placeorder_vs_raw_sql"] = median([ratios(r)["placeorder_vs_raw_sql"] for r in runs])
+    result["projected_vs_raw_consume"] = median([ratios(r)["projected_vs_raw_consume"] for r in runs])
+    for service in ("command_service", "projector", "query_service"):
+        result[f"{service}_max_rss_mb"] = max(r["commands_max"]["max_rss_mb"].get(service, 0.0) for r in runs)
+    return result
+
+
+def markdown(report: dict[str, Any]) -> str:
+    m, d, a = report["median"], report["machine"], report["args"]
+    rows = [
+        (
+            "PlaceOrder via gRPC (full speed)",
+            f"{m['PlaceOrder_per_second']:,.0f}/s",
+            f"p50 {m['PlaceOrder_p50_ms']:.1f} / p95 {m['PlaceOrder_p95_ms']:.1f} "
+            f"/ p99 {m['PlaceOrder_p99_ms']:.1f} ms",
+        ),
+        (
+            "raw psycopg PlaceOrder transaction (8 statements)",
+            f"{m['raw_sql_tx_per_s']:,.0f}/s",
+            f"p50 {m['raw_sql_p50_ms']:.1f} / p99 {m['raw_sql_p99_ms']:.1f} ms",
+        ),
+        ("ratio PlaceOrder / raw SQL", f"{m['placeorder_vs_raw_sql']:.2f}", ""),
+        (
+            "CancelOrder",
+            f"{m['CancelOrder_per_second']:,.0f}/s",
+            f"p50 {m['CancelOrder_p50_ms']:.1f} / p99 {m['CancelOrder_p99_ms']:.1f} ms",
+        ),
+        (
+            "UpdateInventory",
+            f"{m['UpdateInventory_per_second']:,.0f}/s",
+            f"p50 {m['UpdateInventory_p50_ms']:.1f} / p99 {m['UpdateInventory_p99_ms']:.1f} ms",
+        ),
+        ("all commands", f"{m['commands_per_s']:,.0f}/s", ""),
+        (
+            "visibility at half that rate (OK → token read)",
+            "",
+            f"p50 {m['visibility_p50_ms']:.1f} / p99 {m['visibility_p99_ms']:.1f} ms",
+        ),
+        (f"projector draining {a['backlog']:,} events", f"{m['projected_per_s']:,.0f} events/s", ""),
+        ("raw JetStream pull consumer, same events", f"{m['raw_consume_per_s']:,.0f} events/s", ""),
+        ("ratio projected / raw consume", f"{m['projected_vs_raw_consume']:.2f}", ""),
+        ("raw JetStream publish with acks", f"{m['raw_publish_per_s']:,.0f} events/s", ""),
+        (
+            "GetOrderSummary, 16 callers",
+            f"{m['GetOrderSummary_per_second']:,.0f}/s",
+            f"p50 {m['GetOrderSummary_p50_ms']:.1f} / p99 {m['GetOrderSummary_p99_ms']:.1f} ms",
+        ),
+        (
+            "SearchOrders, 16 callers",
+            f"{m['SearchOrders_per_second']:,.0f}/s",
+            f"p50 {m['SearchOrders_p50_ms']:.1f} / p99 {m['SearchOrders_p99_ms']:.1f} ms",
+        ),
+        ("ListOrderSummaries, 10,000-row streams", f"{m['ListOrderSummaries_rows_per_s']:,.0f} rows/s", ""),
+        (
+            "max resident memory (command / projector / query)",
+            f"{m['command_service_max_rss_mb']:.0f} / {m['projector_max_rss_mb']:.0f} "
+            f"/ {m['query_service_max_rss_mb']:.0f} MB",
+            "",
+        ),
+    ]
+    head = (
+        f"Medians of {a['runs']} runs; {d['cores']} cores, {d['memory_gib']} GiB, Python {d['python']}, "
+        f"{d['postgres']}, {d['nats_server']}; {a['concurrency']} concurrent callers from {a['clients']} "
+        f"processes, {a['seconds']:g} s per phase.\n\n| what | throughput | latency |\n|---|---|---|\n"
+    )
+    return head + "\n".join(f"| {what} | {rate} | {latency} |" for what, rate, latency in rows) + "\n"
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no chart (pip install -e '.[bench]')", file=sys.stderr)
+        return
+    m, last = report["median"], report["runs"][-1]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = ["PlaceOrder", "CancelOrder", "UpdateInventory", "GetOrderSummary", "SearchOrders"]
+    for offset, p in enumerate(("p50", "p95", "p99")):
+        values = [m.get(f"{n}_{p}_ms", float("nan")) for n in names]
+        left.bar([i + offset * 0.27 for i in range(len(names))], values, width=0.27, label=p)
+    left.set_xticks([i + 0.27 for i in range(len(names))], names, rotation=15)
+    left.set_ylabel("ms")
+    left.set_title("latency percentiles (medians of runs)")
+    left.legend()
+    for label, series in (
+        ("commands at full speed", last["commands_max"]["lag"]),
+        ("draining the backlog", last["projector_drain"]["lag"]),
+    ):
+        right.plot([t for t, _ in series], [n for _, n in series], label=label)
+    right.set_xlabel("s")
+    right.set_ylabel("events behind")
+    right.set_title("projector lag over time (last run)")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
