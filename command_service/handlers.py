@@ -12,15 +12,18 @@ product rows in ascending SKU order.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import psycopg
 import sqlalchemy as sa
 from google.protobuf.message import Message
+from psycopg.types.json import Jsonb
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -99,6 +102,78 @@ async def _finish(conn: AsyncConnection, request_id: str, events: list[OutgoingE
     )
 
 
+CLAIM_SQL = (
+    "INSERT INTO idempotency_keys (request_id, command, request_hash) VALUES (%s, %s, %s) "
+    "ON CONFLICT DO NOTHING RETURNING request_id"
+)
+# Locks the wanted products in SKU order (a FOR UPDATE CTE is materialized before the update reads it),
+# then takes the quantities where there is enough; a product short of stock returns no row.
+RESERVE_SQL = """
+WITH wanted AS (SELECT * FROM unnest(%s::text[], %s::bigint[]) AS w(sku, quantity)),
+locked AS (SELECT p.sku FROM products p JOIN wanted USING (sku) ORDER BY p.sku FOR UPDATE OF p)
+UPDATE products p
+   SET stock = p.stock - w.quantity, version = p.version + 1, updated_at = %s
+  FROM wanted w
+ WHERE p.sku = w.sku AND p.stock >= w.quantity AND p.sku IN (SELECT sku FROM locked)
+RETURNING p.sku, p.name, p.unit_price_minor, p.currency, p.stock, p.version
+"""
+INSERT_ORDER_SQL = (
+    "INSERT INTO orders (id, customer_id, status, total_minor, currency, version, created_at, updated_at) "
+    "VALUES (%s, %s, %s, %s, %s, 1, %s, %s)"
+)
+INSERT_ITEMS_SQL = (
+    "INSERT INTO order_items (order_id, line_no, sku, name, quantity, unit_price_minor) "
+    "SELECT %s, * FROM unnest(%s::int[], %s::text[], %s::text[], %s::bigint[], %s::bigint[])"
+)
+INSERT_OUTBOX_SQL = (
+    "INSERT INTO outbox (event_id, subject, headers, payload) "
+    "SELECT * FROM unnest(%s::uuid[], %s::text[], %s::jsonb[], %s::bytea[])"
+)
+STORE_RESPONSE_SQL = "UPDATE idempotency_keys SET response = %s WHERE request_id = %s"
+
+
+class _AlreadyClaimed(Exception):
+    """The request_id is taken (by an earlier identical request, or a different one): roll back."""
+
+
+@contextlib.asynccontextmanager
+async def driver_transaction(engine: AsyncEngine) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A pooled connection's psycopg driver connection inside one transaction (no Core per statement)."""
+    async with engine.begin() as conn:
+        raw = await conn.get_raw_connection()
+        yield raw.driver_connection  # type: ignore[misc]
+
+
+async def _insert_outbox(conn: psycopg.AsyncConnection[Any], events: list[OutgoingEvent]) -> None:
+    await conn.execute(
+        INSERT_OUTBOX_SQL,
+        (
+            [e.event_id for e in events],
+            [e.subject for e in events],
+            [Jsonb(e.headers) for e in events],
+            [e.payload for e in events],
+        ),
+    )
+
+
+async def _explain_short_reservation(
+    conn: psycopg.AsyncConnection[Any], skus: list[str], quantities: dict[str, int], reserved: dict[str, Any]
+) -> None:
+    """Raise NOT_FOUND or FAILED_PRECONDITION for the first SKU (in SKU order) that could not be reserved."""
+    cur = await conn.execute("SELECT sku, stock FROM products WHERE sku = ANY(%s)", (skus,))
+    stock = dict(await cur.fetchall())
+    for sku in skus:
+        if sku in reserved:
+            continue
+        if sku not in stock:
+            raise NotFound(f"product {sku!r} is not in the catalog")
+        raise FailedPrecondition(
+            f"not enough stock for {sku!r}: {quantities[sku]} requested, {stock[sku]} available",
+            "INSUFFICIENT_STOCK",
+            sku,
+        )
+
+
 def _money(minor: int, currency: str) -> common_pb2.Money:
     return common_pb2.Money(currency_code=currency, minor_units=minor)
 
@@ -113,133 +188,121 @@ class CommandHandlers:
     async def place_order(
         self, request: commands_pb2.PlaceOrderRequest, ctx: CommandContext
     ) -> commands_pb2.PlaceOrderResponse:
-        """Reserve stock for every line (all or none), then record the order and its events."""
+        """Reserve stock for every line (all or none), then record the order and its events.
+
+        The hottest command, so it runs on the driver connection in two round trips (psycopg pipeline
+        mode): (1) BEGIN, claim the request_id, reserve every line in one statement that locks the
+        products in SKU order; (2) the order, its items, the outbox rows, the stored response, COMMIT.
+        The invariants are those of the other commands: all lines or none (a reservation short of
+        any line rolls everything back), no overselling (`stock >= quantity` is re-checked on the
+        locked row), one effect per request_id (a claim that conflicts rolls back and answers with
+        the stored response).
+        """
         domain.validate_place_order(request)
-        async with self._engine.begin() as conn:
-            stored = await _claim(conn, "PlaceOrder", request, commands_pb2.PlaceOrderResponse.FromString)
-            if stored is not None:
-                return stored
-            now = datetime.now(UTC)
-            order_id = str(uuid.uuid4())
-            quantities = {line.sku: line.quantity for line in request.lines}
-            reserved: dict[str, sa.Row] = {}
-            for sku in sorted(quantities):  # ascending SKU order: no deadlock between orders
-                reserved[sku] = await self._reserve(conn, sku, quantities[sku], now)
-            lines = [
-                domain.PricedLine(
-                    sku=line.sku,
-                    name=reserved[line.sku].name,
-                    quantity=line.quantity,
-                    unit_price_minor=reserved[line.sku].unit_price_minor,
-                    currency=reserved[line.sku].currency,
-                )
-                for line in request.lines
-            ]
-            total, currency = domain.order_total(lines)
-            if currency is None:
-                raise FailedPrecondition(
-                    "all products of one order must be priced in the same currency", "CURRENCY_MISMATCH", "lines"
-                )
-            await conn.execute(
-                orders.insert().values(
-                    id=order_id,
-                    customer_id=request.customer_id,
-                    status=domain.ORDER_PLACED,
-                    total_minor=total,
-                    currency=currency,
-                    version=1,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            await conn.execute(
-                order_items.insert(),
-                [
-                    dict(
-                        order_id=order_id,
-                        line_no=i,
-                        sku=line.sku,
-                        name=line.name,
-                        quantity=line.quantity,
-                        unit_price_minor=line.unit_price_minor,
-                    )
-                    for i, line in enumerate(lines)
-                ],
-            )
-            meta = ctx.events_at(now)
-            events = [
-                build_event(
-                    meta,
-                    ORDER,
-                    order_id,
-                    1,
-                    order_placed=events_pb2.OrderPlaced(
-                        customer_id=request.customer_id,
-                        lines=[
-                            events_pb2.OrderLine(
-                                sku=line.sku,
-                                name=line.name,
-                                quantity=line.quantity,
-                                unit_price=_money(line.unit_price_minor, line.currency),
-                            )
-                            for line in lines
-                        ],
-                        total=_money(total, currency),
-                        placed_at=timestamp(now),
-                    ),
-                )
-            ]
-            events += [
-                build_event(
-                    meta,
-                    PRODUCT,
-                    sku,
-                    row.version,
-                    stock_reserved=events_pb2.StockReserved(
-                        order_id=order_id, quantity=quantities[sku], stock=row.stock
-                    ),
-                )
-                for sku, row in reserved.items()
-            ]
-            versions = {(ORDER, order_id): 1} | {(PRODUCT, sku): row.version for sku, row in reserved.items()}
-            response = commands_pb2.PlaceOrderResponse(
-                order_id=order_id,
-                version=1,
-                consistency_token=consistency.encode(versions),
-                total=_money(total, currency),
-            )
-            await _finish(conn, request.request_id, events, response)
+        quantities = {line.sku: line.quantity for line in request.lines}
+        skus = sorted(quantities)  # ascending SKU order: no deadlock between orders
+        digest = request_hash(request)
+        now = datetime.now(UTC)
+        try:
+            async with driver_transaction(self._engine) as conn:
+                async with conn.pipeline():
+                    claim = await conn.execute(CLAIM_SQL, (request.request_id, "PlaceOrder", digest))
+                    reserve = await conn.execute(RESERVE_SQL, (skus, [quantities[s] for s in skus], now))
+                if await claim.fetchone() is None:
+                    raise _AlreadyClaimed
+                reserved = {row[0]: row for row in await reserve.fetchall()}
+                if len(reserved) < len(skus):
+                    await _explain_short_reservation(conn, skus, quantities, reserved)
+                response, order_row, items, events = self._placed(request, ctx, reserved, quantities, now)
+                async with conn.pipeline():
+                    await conn.execute(INSERT_ORDER_SQL, order_row)
+                    await conn.execute(INSERT_ITEMS_SQL, items)
+                    await _insert_outbox(conn, events)
+                    await conn.execute(STORE_RESPONSE_SQL, (response.SerializeToString(), request.request_id))
+                    await conn.commit()
+        except _AlreadyClaimed:
+            return await self._stored(request, "PlaceOrder", digest, commands_pb2.PlaceOrderResponse.FromString)
         self._on_commit()
         return response
 
-    async def _reserve(self, conn: AsyncConnection, sku: str, quantity: int, now: datetime) -> sa.Row:
-        """Take quantity units of sku or fail; the conditional update makes overselling impossible.
-
-        Under READ COMMITTED a blocked UPDATE re-checks `stock >= quantity` on the committed row, so
-        concurrent orders can never take more than there is.
-        """
-        row = (
-            await conn.execute(
-                products.update()
-                .where(products.c.sku == sku, products.c.stock >= quantity)
-                .values(stock=products.c.stock - quantity, version=products.c.version + 1, updated_at=now)
-                .returning(
-                    products.c.name,
-                    products.c.unit_price_minor,
-                    products.c.currency,
-                    products.c.stock,
-                    products.c.version,
-                )
+    def _placed(
+        self,
+        request: commands_pb2.PlaceOrderRequest,
+        ctx: CommandContext,
+        reserved: dict[str, tuple[Any, ...]],
+        quantities: dict[str, int],
+        now: datetime,
+    ) -> tuple[commands_pb2.PlaceOrderResponse, tuple[Any, ...], tuple[Any, ...], list[OutgoingEvent]]:
+        """The order's rows, events and response, from the reserved products (sku, name, price, currency,
+        stock, version)."""
+        order_id = str(uuid.uuid4())
+        lines = [
+            domain.PricedLine(
+                sku=line.sku,
+                name=reserved[line.sku][1],
+                quantity=line.quantity,
+                unit_price_minor=reserved[line.sku][2],
+                currency=reserved[line.sku][3],
             )
-        ).first()
-        if row is not None:
-            return row
-        stock = (await conn.execute(sa.select(products.c.stock).where(products.c.sku == sku))).scalar()
-        if stock is None:
-            raise NotFound(f"product {sku!r} is not in the catalog")
-        raise FailedPrecondition(
-            f"not enough stock for {sku!r}: {quantity} requested, {stock} available", "INSUFFICIENT_STOCK", sku
+            for line in request.lines
+        ]
+        total, currency = domain.order_total(lines)
+        if currency is None:
+            raise FailedPrecondition(
+                "all products of one order must be priced in the same currency", "CURRENCY_MISMATCH", "lines"
+            )
+        meta = ctx.events_at(now)
+        placed = events_pb2.OrderPlaced(
+            customer_id=request.customer_id,
+            lines=[
+                events_pb2.OrderLine(
+                    sku=line.sku,
+                    name=line.name,
+                    quantity=line.quantity,
+                    unit_price=_money(line.unit_price_minor, line.currency),
+                )
+                for line in lines
+            ],
+            total=_money(total, currency),
+            placed_at=timestamp(now),
         )
+        events = [build_event(meta, ORDER, order_id, 1, order_placed=placed)]
+        events += [
+            build_event(
+                meta,
+                PRODUCT,
+                sku,
+                row[5],
+                stock_reserved=events_pb2.StockReserved(order_id=order_id, quantity=quantities[sku], stock=row[4]),
+            )
+            for sku, row in sorted(reserved.items())
+        ]
+        versions = {(ORDER, order_id): 1} | {(PRODUCT, sku): row[5] for sku, row in reserved.items()}
+        response = commands_pb2.PlaceOrderResponse(
+            order_id=order_id, version=1, consistency_token=consistency.encode(versions), total=_money(total, currency)
+        )
+        order_row = (order_id, request.customer_id, domain.ORDER_PLACED, total, currency, now, now)
+        items = (
+            order_id,
+            list(range(len(lines))),
+            [line.sku for line in lines],
+            [line.name for line in lines],
+            [line.quantity for line in lines],
+            [line.unit_price_minor for line in lines],
+        )
+        return response, order_row, items, events
+
+    async def _stored(self, request: Message, command: str, digest: bytes, parse: Callable[[bytes], R]) -> R:
+        """The response an earlier identical request stored (the claim conflicted with it)."""
+        async with driver_transaction(self._engine) as conn:
+            cur = await conn.execute(
+                "SELECT command, request_hash, response FROM idempotency_keys WHERE request_id = %s",
+                (request.request_id,),  # type: ignore[attr-defined]
+            )
+            row = await cur.fetchone()
+        if row is None or row[0] != command or bytes(row[1]) != digest or row[2] is None:
+            raise RequestIdReused(f"request_id {request.request_id!r} was already used for a different request")  # type: ignore[attr-defined]
+        return parse(bytes(row[2]))
 
     async def cancel_order(
         self, request: commands_pb2.CancelOrderRequest, ctx: CommandContext
