@@ -12,10 +12,9 @@ product rows in ascending SKU order.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from command_service import domain
 from command_service.schema import idempotency_keys, order_items, orders, outbox, products
 from orders import consistency
+from orders.db import driver_transaction
 from orders.errors import FailedPrecondition, NotFound, RequestIdReused, VersionConflict
 from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, timestamp
 from orders.v1 import commands_pb2, common_pb2, events_pb2
@@ -134,14 +134,6 @@ STORE_RESPONSE_SQL = "UPDATE idempotency_keys SET response = %s WHERE request_id
 
 class _AlreadyClaimed(Exception):
     """The request_id is taken (by an earlier identical request, or a different one): roll back."""
-
-
-@contextlib.asynccontextmanager
-async def driver_transaction(engine: AsyncEngine) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A pooled connection's psycopg driver connection inside one transaction (no Core per statement)."""
-    async with engine.begin() as conn:
-        raw = await conn.get_raw_connection()
-        yield raw.driver_connection  # type: ignore[misc]
 
 
 async def _insert_outbox(conn: psycopg.AsyncConnection[Any], events: list[OutgoingEvent]) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
 import psycopg
 from psycopg import sql
 from sqlalchemy import exc as sa_exc
@@ -31,6 +35,15 @@ def create_engine(url: str, pool_size: int, application_name: str) -> AsyncEngin
         pool_timeout=10,
         connect_args={"application_name": application_name, "connect_timeout": 5},
     )
+
+
+@contextlib.asynccontextmanager
+async def driver_transaction(engine: AsyncEngine) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A pooled connection's psycopg driver connection inside one transaction, for hot paths that skip
+    SQLAlchemy Core's per-statement work (and may use pipeline mode)."""
+    async with engine.begin() as conn:
+        raw = await conn.get_raw_connection()
+        yield raw.driver_connection  # type: ignore[misc]
 
 
 def is_unavailable(exc: BaseException) -> bool:

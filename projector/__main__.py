@@ -11,13 +11,14 @@ import psycopg
 
 from orders import db, migrations, readiness
 from orders.config import Settings
+from orders.db import driver_transaction
 from orders.grpc_server import create_server
 from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
 from orders.runtime import run_service, stop_event
 from orders.v1 import admin_pb2
 from projector import lag
 from projector.admin import AdminService
-from projector.consumer import PROJECTION_NAME, Projector, transaction
+from projector.consumer import PROJECTION_NAME, Projector
 
 log = logging.getLogger("projector")
 SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
@@ -28,7 +29,7 @@ async def housekeeping(projector: Projector, settings: Settings, engine: db.Asyn
     """Every few seconds: measure and record the lag (for `orders lag` and the query side), prune changes."""
     while True:
         try:
-            async with transaction(engine) as conn:
+            async with driver_transaction(engine) as conn:
                 if projector.nc is not None and projector.nc.is_connected:
                     measured = await lag.measure(projector.nc, settings)
                     await lag.record(conn, PROJECTION_NAME, measured)

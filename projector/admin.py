@@ -12,12 +12,13 @@ from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders.config import Settings
+from orders.db import driver_transaction
 from orders.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from orders.events import UndecodableEvent, parse_event
 from orders.grpc_server import rpc
 from orders.v1 import admin_pb2, admin_pb2_grpc
 from projector import dead_letters, lag, rebuild, verify
-from projector.consumer import Projector, signal_changes, transaction
+from projector.consumer import Projector, signal_changes
 
 _STATUS = {
     dead_letters.DEAD: admin_pb2.DEAD_LETTER_STATUS_DEAD,
@@ -87,7 +88,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetProjectionLagRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetProjectionLagResponse:
         measured = await lag.measure(self._nats(), self._settings)
-        async with transaction(self._engine) as conn:
+        async with driver_transaction(self._engine) as conn:
             cur = await conn.execute("SELECT count(*) FROM dead_letters")
             count = (await cur.fetchone() or (0,))[0]
         return admin_pb2.GetProjectionLagResponse(
@@ -105,7 +106,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListDeadLettersResponse:
         if not 0 <= request.page_size <= 1000:
             raise InvalidArgument([FieldViolation("page_size", "must be 1 to 1000")])
-        async with transaction(self._engine) as conn:
+        async with driver_transaction(self._engine) as conn:
             rows = await dead_letters.list_letters(conn, request.page_size or 100)
         return admin_pb2.ListDeadLettersResponse(dead_letters=[_letter(row, False) for row in rows])
 
@@ -113,7 +114,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def GetDeadLetter(
         self, request: admin_pb2.GetDeadLetterRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetDeadLetterResponse:
-        async with transaction(self._engine) as conn:
+        async with driver_transaction(self._engine) as conn:
             row = await dead_letters.get_letter(conn, request.id)
         if row is None:
             raise NotFound(f"dead letter {request.id} not found")
@@ -123,7 +124,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def ReplayDeadLetters(
         self, request: admin_pb2.ReplayDeadLettersRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ReplayDeadLettersResponse:
-        async with transaction(self._engine) as conn:
+        async with driver_transaction(self._engine) as conn:
             result = await dead_letters.replay(conn, _ids(request.ids))
             await signal_changes(conn, result.changes)
         return admin_pb2.ReplayDeadLettersResponse(applied=result.applied, still_open=result.still_open)
@@ -132,7 +133,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def DiscardDeadLetters(
         self, request: admin_pb2.DiscardDeadLettersRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DiscardDeadLettersResponse:
-        async with transaction(self._engine) as conn:
+        async with driver_transaction(self._engine) as conn:
             count = await dead_letters.discard(conn, _ids(request.ids))
         return admin_pb2.DiscardDeadLettersResponse(discarded=count)
 

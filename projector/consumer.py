@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import nats.errors
@@ -35,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from orders import jetstream, tracing
 from orders.config import Settings
 from orders.correlation import child_traceparent
-from orders.db import is_unavailable
+from orders.db import driver_transaction, is_unavailable
 from orders.events import HEADER_CORRELATION_ID, HEADER_TRACEPARENT, UndecodableEvent, parse_event
 from orders.read_model import CHANGES_CHANNEL
 from projector import dead_letters
@@ -92,14 +91,6 @@ async def signal_changes(conn: psycopg.AsyncConnection[Any], changes: list[Chang
     await conn.execute(
         "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload", (CHANGES_CHANNEL, change_payloads(changes))
     )
-
-
-@contextlib.asynccontextmanager
-async def transaction(engine: AsyncEngine) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    """A pooled connection's psycopg driver connection inside one transaction (the hot path skips Core)."""
-    async with engine.begin() as conn:
-        raw = await conn.get_raw_connection()
-        yield raw.driver_connection  # type: ignore[misc]
 
 
 def _dead_letter(msg: Msg, event: Any, status: str, reason: str) -> dead_letters.DeadLetter:
@@ -294,7 +285,7 @@ class Projector:
             msg = msgs[0]
             if (msg.metadata.num_delivered or 1) >= self._settings.max_deliver:
                 with contextlib.suppress(Exception):
-                    async with transaction(self._engine) as conn:
+                    async with driver_transaction(self._engine) as conn:
                         event = None
                         with contextlib.suppress(UndecodableEvent):
                             event = parse_event(msg.data)
@@ -316,7 +307,7 @@ class Projector:
         """
         letters = list(rejected)
         started_ns = time.time_ns()
-        async with transaction(self._engine) as conn:
+        async with driver_transaction(self._engine) as conn:
             known = await dead_letters.open_letters(conn, [item.aggregate for _, item in items])
             for letter in rejected:  # undecodable events of this very batch block their aggregate too
                 aggregate = (letter.aggregate_type, letter.aggregate_id)

@@ -27,11 +27,10 @@ from psycopg import sql
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders.config import Settings
-from orders.db import libpq_url
+from orders.db import driver_transaction, libpq_url
 from orders.errors import FailedPrecondition
 from orders.events import SUBJECT_WILDCARD, UndecodableEvent, parse_event
 from orders.read_model import CHANGES_CHANNEL, PROJECTED_TABLES, RESYNC_PAYLOAD
-from projector.consumer import transaction
 from projector.projections import Item, NeverApplicable, Tables, apply_events, check_applicable
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ async def _rebuild(nc: NATS, engine: AsyncEngine, settings: Settings) -> AsyncIt
     jsm = nc.jsm()
     js = nc.jetstream(timeout=10)
     target = (await jsm.stream_info(settings.stream)).state.last_seq or 0
-    async with transaction(engine) as conn:
+    async with driver_transaction(engine) as conn:
         for live, fresh in zip(PROJECTED_TABLES, (FRESH.orders, FRESH.products), strict=True):
             await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(fresh)))
             await conn.execute(
@@ -103,11 +102,11 @@ async def _rebuild(nc: NATS, engine: AsyncEngine, settings: Settings) -> AsyncIt
                 msgs = await sub.fetch(FETCH_BATCH, timeout=2.0)
             except nats.errors.TimeoutError:
                 continue
-            async with transaction(engine) as conn:
+            async with driver_transaction(engine) as conn:
                 replayed += await _replay(conn, msgs)
             position = msgs[-1].metadata.sequence.stream
             yield Progress(replayed, target)
-        async with transaction(engine) as conn:
+        async with driver_transaction(engine) as conn:
             await conn.execute(
                 sql.SQL("LOCK TABLE {}, {} IN ACCESS EXCLUSIVE MODE").format(*map(sql.Identifier, PROJECTED_TABLES))
             )

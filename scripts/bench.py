@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench_common import ROOT, LocalSystem, local_system, machine, median, percentile
+from bench_common import ROOT, LocalSystem, local_system, machine, median, percentile, seed_products
 
 sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
@@ -268,8 +268,11 @@ async def sample_while(
             for proc in system.processes:
                 memory[proc.name] = max(memory.get(proc.name, 0.0), rss_mb(proc.pid))
             await asyncio.sleep(0.5)
-        while (await lag.measure(nc, system.settings)).events > 0:  # the tail after the load stopped
-            lags.append((time.monotonic() - started, (await lag.measure(nc, system.settings)).events))
+        while True:  # the tail after the load stopped
+            behind = (await lag.measure(nc, system.settings)).events
+            lags.append((time.monotonic() - started, behind))
+            if behind == 0:
+                break
             await asyncio.sleep(0.5)
     finally:
         await jetstream.close(nc)
@@ -431,23 +434,6 @@ def big_read_model(system: LocalSystem, orders: int) -> None:
 # --- orchestration ---------------------------------------------------------------------------------
 
 
-def seed_products(system: LocalSystem) -> None:
-    with grpc.insecure_channel(system.settings.command_addr) as channel:
-        stub = commands_pb2_grpc.CommandServiceStub(channel)
-        for sku in SKUS:
-            price = common_pb2.Money(currency_code="EUR", minor_units=500)
-            stub.UpsertProduct(
-                commands_pb2.UpsertProductRequest(
-                    request_id=str(uuid.uuid4()), sku=sku, name=f"Bench {sku}", unit_price=price
-                ),
-                timeout=10,
-            )
-            stub.UpdateInventory(
-                commands_pb2.UpdateInventoryRequest(request_id=str(uuid.uuid4()), sku=sku, set_level=10_000_000),
-                timeout=10,
-            )
-
-
 def one_run(system: LocalSystem, args: argparse.Namespace, run: int) -> dict[str, Any]:
     raw_url = system.settings.write_database_url.rsplit("/", 1)[0] + f"/bench_raw_{run}"
     result: dict[str, Any] = {"raw_sql": asyncio.run(raw_sql(raw_url, args.concurrency, args.seconds))}
@@ -495,7 +481,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp, local_system(Path(tmp)) as system:
         system.start("command_service", "projector", "query_service")
-        seed_products(system)
+        seed_products(system, SKUS, stock=10_000_000)
         big_read_model(system, args.read_orders)
         runs = [one_run(system, args, run) for run in range(args.runs)]
         description = machine()

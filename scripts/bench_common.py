@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:
 
 from orders import local_stack  # noqa: E402
 from orders.config import Settings  # noqa: E402
-from tests.support import migrate  # noqa: E402
+from tests.support import add_product, migrate, start_serving  # noqa: E402
 
 
 @dataclass
@@ -35,18 +35,26 @@ class LocalSystem:
     def start(self, *modules: str, **overrides: Any) -> None:
         """Start service processes (with setting overrides) and wait for each to answer SERVING."""
         settings = Settings(**{**self.settings.__dict__, **overrides})
-        addresses = {"command_service": "command_addr", "query_service": "query_addr", "projector": "admin_addr"}
         for module in modules:
-            proc = local_stack.start_service(module, settings.to_env(), self.work / "logs")
-            self.processes.append(proc)
-            address = getattr(settings, addresses[module])
-            local_stack.wait_until(lambda a=address: local_stack.grpc_serving(a), 60, f"{module} SERVING")
+            self.processes.append(start_serving(module, settings, self.work / "logs"))
 
     def stop(self, module: str) -> None:
         """Stop the (first started) process of module."""
         proc = next(p for p in self.processes if p.name == module)
         proc.stop()
         self.processes.remove(proc)
+
+
+def seed_products(system: LocalSystem, skus: list[str], stock: int) -> None:
+    """Catalog products with plenty of stock, through the CommandService."""
+    import grpc
+
+    from orders.v1 import commands_pb2_grpc
+
+    with grpc.insecure_channel(system.settings.command_addr) as channel:
+        stub = commands_pb2_grpc.CommandServiceStub(channel)
+        for sku in skus:
+            add_product(stub, sku, stock=stock, price=500, name=f"Bench {sku}")
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench_common import ROOT, LocalSystem, local_system, machine, median, percentile
+from bench_common import ROOT, LocalSystem, local_system, machine, median, percentile, seed_products
 
 sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
@@ -38,7 +38,7 @@ import psycopg  # noqa: E402
 
 from orders.db import libpq_url  # noqa: E402
 from orders.read_model import CHANGES_CHANNEL  # noqa: E402
-from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2, queries_pb2, queries_pb2_grpc  # noqa: E402
+from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc  # noqa: E402
 from tests.support import scrape_metrics  # noqa: E402
 
 CONNECTIONS_PER_PROCESS = 10
@@ -203,7 +203,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-watch-") as tmp, local_system(Path(tmp)) as system:
         system.start("command_service", "projector", "query_service")
-        skus = seed_products(system)
+        skus = [f"BW-{i:03d}" for i in range(50)]
+        seed_products(system, skus, stock=1_000_000)
         runs = []
         for run in range(args.runs):
             result = run_once(system, skus, args.watchers, args.rate, args.seconds, run)
@@ -226,27 +227,6 @@ def main() -> None:
         print(f"| {label} | " + " | ".join(f"{summary[key][p]:.1f}" for p in (50, 95, 99, 100)) + " |")
     print(f"\nmissing deliveries: {sum(r['missing'] for r in runs)}, duplicated: {sum(r['duplicated'] for r in runs)}")
     print(json.dumps({"watchers": args.watchers, "runs": runs, "median": summary, "machine": description}))
-
-
-def seed_products(system: LocalSystem, count: int = 50) -> list[str]:
-    skus = [f"BW-{i:03d}" for i in range(count)]
-    with grpc.insecure_channel(system.settings.command_addr) as channel:
-        stub = commands_pb2_grpc.CommandServiceStub(channel)
-        for sku in skus:
-            stub.UpsertProduct(
-                commands_pb2.UpsertProductRequest(
-                    request_id=str(uuid.uuid4()),
-                    sku=sku,
-                    name=f"Bench product {sku}",
-                    unit_price=common_pb2.Money(currency_code="EUR", minor_units=500),
-                ),
-                timeout=10,
-            )
-            stub.UpdateInventory(
-                commands_pb2.UpdateInventoryRequest(request_id=str(uuid.uuid4()), sku=sku, set_level=1_000_000),
-                timeout=10,
-            )
-    return skus
 
 
 if __name__ == "__main__":

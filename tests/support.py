@@ -71,9 +71,11 @@ async def migrate(settings: Settings) -> None:
 SERVICE_ADDRESS = {"command_service": "command_addr", "query_service": "query_addr", "projector": "admin_addr"}
 
 
-def start_serving(module: str, settings: Settings, log_dir: Path, timeout: float = 60) -> local_stack.ManagedProcess:
+def start_serving(
+    module: str, settings: Settings, log_dir: Path, timeout: float = 60, extra_env: dict[str, str] | None = None
+) -> local_stack.ManagedProcess:
     """Start one service process and wait until its gRPC health answers SERVING (stop it if it never does)."""
-    proc = local_stack.start_service(module, settings.to_env(), log_dir)
+    proc = local_stack.start_service(module, {**settings.to_env(), **(extra_env or {})}, log_dir)
     address = getattr(settings, SERVICE_ADDRESS[module])
     try:
         local_stack.wait_until(lambda: serving_or_raise(address, {module: proc}), timeout, f"{module} SERVING")

@@ -17,7 +17,7 @@ from orders import jetstream, local_stack
 from orders.config import Settings
 from orders.db import libpq_url
 from orders.v1 import commands_pb2_grpc
-from tests.support import Infra, add_product, eventually, isolated_settings, migrate, new_sku, place
+from tests.support import Infra, add_product, eventually, isolated_settings, migrate, new_sku, place, start_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORDS = {"ORDERS_NATS_COMMAND_PASSWORD": "command-pw-4f1c", "ORDERS_NATS_PROJECTOR_PASSWORD": "projector-pw-9a2e"}
@@ -50,13 +50,9 @@ def test_each_service_can_do_its_part_and_nothing_else(
     asyncio.run(migrate(base))
     command = as_user(base, "orders-command", PASSWORDS["ORDERS_NATS_COMMAND_PASSWORD"])
     projector = as_user(base, "orders-projector", PASSWORDS["ORDERS_NATS_PROJECTOR_PASSWORD"])
-    procs = [
-        local_stack.start_service("command_service", command.to_env(), tmp_path / "command"),
-        local_stack.start_service("projector", projector.to_env(), tmp_path / "projector"),
-    ]
+    procs = [start_serving("command_service", command, tmp_path / "command")]
     try:
-        for address in (command.command_addr, projector.admin_addr):
-            local_stack.wait_until(lambda a=address: local_stack.grpc_serving(a), 60, f"{address} SERVING")
+        procs.append(start_serving("projector", projector, tmp_path / "projector"))
         with grpc.insecure_channel(command.command_addr) as channel:
             stub = commands_pb2_grpc.CommandServiceStub(channel)
             sku = new_sku("N")

@@ -14,7 +14,7 @@ import pytest
 
 from orders import local_stack
 from orders.v1 import commands_pb2, commands_pb2_grpc
-from tests.support import Infra, add_product, eventually, isolated_settings, migrate, new_sku
+from tests.support import Infra, add_product, eventually, isolated_settings, migrate, new_sku, start_serving
 
 trace_service_pb2 = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
 
@@ -77,15 +77,11 @@ def test_a_command_and_its_projection_are_exported_as_spans_of_the_callers_trace
 ) -> None:
     settings = isolated_settings(infra, nats_url=own_nats.url)
     asyncio.run(migrate(settings))
-    settings_env = settings.to_env()
     tracing_env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
     processes = []
     try:
         for module in ("command_service", "projector"):
-            proc = local_stack.start_service(module, {**settings_env, **tracing_env}, tmp_path / module)
-            processes.append(proc)
-        for address in (settings.command_addr, settings.admin_addr):
-            local_stack.wait_until(lambda a=address: local_stack.grpc_serving(a), 60, f"{address} SERVING")
+            processes.append(start_serving(module, settings, tmp_path / module, extra_env=tracing_env))
         with grpc.insecure_channel(settings.command_addr) as channel:
             stub = commands_pb2_grpc.CommandServiceStub(channel)
             sku = new_sku("O")
