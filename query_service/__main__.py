@@ -18,12 +18,13 @@ from orders.runtime import run_service, stop_event
 from orders.v1 import queries_pb2
 from query_service.changes import ChangeFeed
 from query_service.service import QueryService
-from query_service.views import ReadModel
+from query_service.views import ReadModel, create_pool
 
 log = logging.getLogger("query_service")
 SERVICE = queries_pb2.DESCRIPTOR.services_by_name["QueryService"]
 
 
+POOL_WAIT_SECONDS = 5.0  # a call waits this long at most for a read connection, then UNAVAILABLE
 PROJECTION_HEALTH = "projection"  # health service name: NOT_SERVING while the projection lags
 
 
@@ -70,9 +71,11 @@ class ProjectionProbe:
 
 async def serve(settings: Settings) -> None:
     stop = stop_event()
-    engine = db.create_engine(settings.query_database, settings.db_pool_size, "orders-query")
+    engine = db.create_engine(settings.query_database, 2, "orders-query-health")  # the health probes only
     database = readiness.DatabaseProbe(engine, settings.query_database, migrations.READ, "read")
-    read_model = ReadModel(engine)
+    pool = create_pool(settings.query_database, settings.db_pool_size, timeout=POOL_WAIT_SECONDS)
+    await pool.open(wait=False)  # connects in the background; the database probe gates serving
+    read_model = ReadModel(pool)
     feed = ChangeFeed(settings.query_database, read_model)
     servicer = QueryService(
         read_model, feed, settings.read_wait_max, settings.watch_queue_size, settings.max_watches_per_connection
@@ -106,6 +109,7 @@ async def serve(settings: Settings) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await pool.close()
         await engine.dispose()
 
 
