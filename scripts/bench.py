@@ -1,21 +1,25 @@
 """The benchmark: every figure next to the raw building block doing the same work, in the same run.
 
 Usage: .venv/bin/python scripts/bench.py [--concurrency 16] [--seconds 20] [--runs 3] [--backlog 100000]
-                                         [--read-orders 100000] [--out bench-results]
+                                         [--read-orders 100000] [--out bench-results] [--given]
 
 Starts its own local system (embedded PostgreSQL with fsync on, nats-server with fsync before every ack,
-the three services), then per run:
+the three services), or with --given measures the system the ORDERS_* variables point at (then the
+backlog drain is skipped, because it stops the projector, and the queries use that read model), then
+per run:
 
 1. raw SQL: the PlaceOrder transaction (order, 3 items, 3 conditional stock updates, outbox row) issued
    directly with psycopg at --concurrency, on a database of its own;
 2. commands at full speed: PlaceOrder, with CancelOrder and UpdateInventory at --cancel-share and
    --inventory-share, over gRPC from --clients client processes at --concurrency, while the projector's
-   lag is sampled; then again paced at half the rate reached, measuring visibility (command OK →
-   the order readable through a token-guarded GetOrderSummary, every 5th order);
+   lag is sampled and the CPU time every process used is counted (where the time goes); then again
+   paced at half the rate reached, measuring visibility (command OK → the order readable through a
+   token-guarded GetOrderSummary, every 5th order);
 3. the projector draining a --backlog of events, next to a plain JetStream pull consumer (fetch + ack)
    reading the same events, and JetStream publishes of the same events awaiting their acks;
 4. queries on a read model of --read-orders orders: GetOrderSummary at 16 concurrent callers,
-   SearchOrders, and ListOrderSummaries streams of 10,000 rows.
+   SearchOrders, and ListOrderSummaries streams of 10,000 rows, next to a no-op grpc.aio unary call
+   from the same clients (the framework's own floor).
 
 Writes <out>/bench.json (every figure, per run and median, with the machine), <out>/bench.md (the
 table) and <out>/bench.png (latency percentiles and projector lag over time; needs matplotlib).
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -37,13 +42,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench_common import ROOT, LocalSystem, local_system, machine, median, percentile, seed_products
+from bench_common import (
+    ROOT,
+    LocalSystem,
+    cpu_by_component,
+    local_system,
+    machine,
+    median,
+    percentile,
+    seed_products,
+)
 
 sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 import psycopg  # noqa: E402
 
-from orders import jetstream  # noqa: E402
+from orders import jetstream, security  # noqa: E402
+from orders.config import Settings  # noqa: E402
 from orders.db import ensure_database, libpq_url  # noqa: E402
 from orders.events import PRODUCT, EventContext, build_event  # noqa: E402
 from orders.migrations import WRITE, upgrade  # noqa: E402
@@ -129,10 +144,13 @@ def load_process(job: dict[str, Any], results: Any) -> None:
         visibility: list[float] = []
         failures: dict[str, int] = {}
         placed: list[str] = []
-        deadline = time.monotonic() + job["seconds"]
+        load_started, cpu_started = time.monotonic(), time.process_time()  # after the imports
+        deadline = load_started + job["seconds"]
+        settings = Settings(**job["settings"])
+        md = security.call_metadata(settings)
         async with (
-            grpc.aio.insecure_channel(job["command_addr"]) as cc,
-            grpc.aio.insecure_channel(job["query_addr"]) as qc,
+            security.client_channel(settings.command_addr, settings, aio=True) as cc,
+            security.client_channel(settings.query_addr, settings, aio=True) as qc,
         ):
             commands, queries = commands_pb2_grpc.CommandServiceStub(cc), queries_pb2_grpc.QueryServiceStub(qc)
 
@@ -140,7 +158,9 @@ def load_process(job: dict[str, Any], results: Any) -> None:
                 if kind == "CancelOrder" and placed:
                     order_id = placed.pop(rng.randrange(len(placed)))
                     return await commands.CancelOrder(
-                        commands_pb2.CancelOrderRequest(request_id=str(uuid.uuid4()), order_id=order_id), timeout=10
+                        commands_pb2.CancelOrderRequest(request_id=str(uuid.uuid4()), order_id=order_id),
+                        timeout=10,
+                        metadata=md,
                     )
                 if kind == "UpdateInventory":
                     return await commands.UpdateInventory(
@@ -148,12 +168,13 @@ def load_process(job: dict[str, Any], results: Any) -> None:
                             request_id=str(uuid.uuid4()), sku=rng.choice(SKUS), delta=5
                         ),
                         timeout=10,
+                        metadata=md,
                     )
                 lines = [commands_pb2.PlaceOrderLine(sku=s, quantity=1) for s in rng.sample(SKUS, rng.randint(1, 3))]
                 request = commands_pb2.PlaceOrderRequest(
                     request_id=str(uuid.uuid4()), customer_id=f"bench-{rng.randrange(1000)}", lines=lines
                 )
-                return await commands.PlaceOrder(request, timeout=10)
+                return await commands.PlaceOrder(request, timeout=10, metadata=md)
 
             async def caller(index: int) -> None:
                 count = 0
@@ -189,11 +210,18 @@ def load_process(job: dict[str, Any], results: Any) -> None:
                                     order_id=reply.order_id, consistency_token=reply.consistency_token
                                 ),
                                 timeout=10,
+                                metadata=md,
                             )
                             visibility.append(time.perf_counter() - answered)
 
             await asyncio.gather(*(caller(i) for i in range(job["concurrency"])))
-        return {"latencies": latencies, "visibility": visibility, "failures": failures}
+        return {
+            "latencies": latencies,
+            "visibility": visibility,
+            "failures": failures,
+            "cpu_seconds": time.process_time() - cpu_started,
+            "seconds": time.monotonic() - load_started,
+        }
 
     results.put(asyncio.run(run()))
 
@@ -205,8 +233,7 @@ def drive(system: LocalSystem, args: argparse.Namespace, rate: float, visibility
     per_client = max(1, args.concurrency // args.clients)
     jobs = [
         {
-            "command_addr": system.settings.command_addr,
-            "query_addr": system.settings.query_addr,
+            "settings": system.settings.__dict__,
             "concurrency": per_client,
             "seconds": args.seconds,
             "rate": rate / args.clients,
@@ -218,14 +245,16 @@ def drive(system: LocalSystem, args: argparse.Namespace, rate: float, visibility
         for i in range(args.clients)
     ]
     procs = [ctx.Process(target=load_process, args=(job, results)) for job in jobs]
+    cpu_before = cpu_by_component(system)
     started = time.monotonic()
     for proc in procs:
         proc.start()
     lags, memory = asyncio.run(sample_while(system, [p for p in procs], started))
+    cpu_after = cpu_by_component(system)
     outputs = [results.get(timeout=120) for _ in procs]
     for proc in procs:
         proc.join(30)
-    elapsed = time.monotonic() - started
+    elapsed = max(out["seconds"] for out in outputs)  # the load's span (process start-up excluded)
     merged: dict[str, list[float]] = {}
     for out in outputs:
         for kind, values in out["latencies"].items():
@@ -235,8 +264,12 @@ def drive(system: LocalSystem, args: argparse.Namespace, rate: float, visibility
         for key, n in out["failures"].items():
             failures[key] = failures.get(key, 0) + n
     total = sum(len(v) for v in merged.values())
+    cpu_used = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+    cpu_used["clients"] = sum(out["cpu_seconds"] for out in outputs)
     return {
         "commands_per_second": total / elapsed,
+        # where the time goes: CPU milliseconds per successful command, by process, until the lag was 0
+        "cpu_ms_per_command": {name: seconds / max(total, 1) * 1000 for name, seconds in cpu_used.items()},
         "by_rpc": {kind: summary(values, elapsed) for kind, values in merged.items() if values},
         "visibility_ms": {f"p{p}": percentile([v for o in outputs for v in o["visibility"]], p) * 1000 for p in PCTS},
         "failures": failures,
@@ -346,76 +379,132 @@ def drain(system: LocalSystem, backlog: int, run: int) -> dict[str, Any]:
     }
 
 
-# --- 4. queries ------------------------------------------------------------------------------------
+# --- 4. queries, next to a no-op gRPC call ---------------------------------------------------------
+
+NOOP_METHOD = "/bench.NoOp/Call"
+NOOP_REPLY = b"x" * 400  # about the size of a GetOrderSummaryResponse with three lines
+
+
+def noop_server(port: int, ready: Any) -> None:
+    """A grpc.aio server whose one method answers a fixed reply: the floor under any unary query."""
+
+    async def serve() -> None:
+        async def call(request: bytes, context: Any) -> bytes:
+            return NOOP_REPLY
+
+        server = grpc.aio.server()
+        handler = grpc.unary_unary_rpc_method_handler(call)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.NoOp", {"Call": handler}),))
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
 
 
 def query_process(job: dict[str, Any], results: Any) -> None:
-    async def run() -> dict[str, list[float]]:
+    async def run() -> dict[str, Any]:
         rng = random.Random(job["seed"])
-        out: dict[str, list[float]] = {"GetOrderSummary": [], "SearchOrders": [], "ListOrderSummaries": []}
-        deadline = time.monotonic() + job["seconds"]
-        async with grpc.aio.insecure_channel(job["query_addr"]) as channel:
+        kind, order_ids = job["kind"], job["order_ids"]
+        out: list[float] = []
+        load_started = time.monotonic()
+        deadline = load_started + job["seconds"]
+        settings = Settings(**job["settings"])
+        md = security.call_metadata(settings)
+        async with security.client_channel(job["address"], settings, aio=True) as channel:
             queries = queries_pb2_grpc.QueryServiceStub(channel)
+            noop = channel.unary_unary(NOOP_METHOD)
+
+            async def one() -> None:
+                if kind == "NoOpCall":
+                    await noop(b"x" * 40, timeout=10)
+                elif kind == "GetOrderSummary":
+                    request = queries_pb2.GetOrderSummaryRequest(order_id=rng.choice(order_ids))
+                    await queries.GetOrderSummary(request, timeout=10, metadata=md)
+                elif kind == "SearchOrders":
+                    search = queries_pb2.SearchOrdersRequest(query=f"g{rng.randrange(1000)}", page_size=20)
+                    await queries.SearchOrders(search, timeout=10, metadata=md)
+                else:
+                    stream = queries.ListOrderSummaries(
+                        queries_pb2.ListOrderSummariesRequest(), timeout=60, metadata=md
+                    )
+                    rows = 0
+                    async for _ in stream:
+                        rows += 1
+                        if rows == 10_000:
+                            stream.cancel()
+                            break
 
             async def caller() -> None:
                 while time.monotonic() < deadline:
                     started = time.perf_counter()
-                    if job["kind"] == "GetOrderSummary":
-                        order = str(uuid.UUID(hashlib.md5(str(rng.randint(1, job["orders"])).encode()).hexdigest()))
-                        await queries.GetOrderSummary(queries_pb2.GetOrderSummaryRequest(order_id=order), timeout=10)
-                    elif job["kind"] == "SearchOrders":
-                        await queries.SearchOrders(
-                            queries_pb2.SearchOrdersRequest(query=f"g{rng.randrange(1000)}", page_size=20), timeout=10
-                        )
-                    else:
-                        stream = queries.ListOrderSummaries(queries_pb2.ListOrderSummariesRequest(), timeout=60)
-                        rows = 0
-                        async for _ in stream:
-                            rows += 1
-                            if rows == 10_000:
-                                stream.cancel()
-                                break
-                    out[job["kind"]].append(time.perf_counter() - started)
+                    await one()
+                    out.append(time.perf_counter() - started)
 
             await asyncio.gather(*(caller() for _ in range(job["concurrency"])))
-        return out
+        return {"latencies": out, "seconds": time.monotonic() - load_started}
 
     results.put(asyncio.run(run()))
 
 
 def query_bench(system: LocalSystem, args: argparse.Namespace, run: int) -> dict[str, Any]:
+    """Each query kind from 2 client processes; the no-op gRPC call first, with the same clients."""
     ctx = mp.get_context("spawn")
+    from orders import local_stack
+
+    noop_port, ready = local_stack.free_port(), ctx.Event()
+    noop = ctx.Process(target=noop_server, args=(noop_port, ready), daemon=True)
+    noop.start()
+    ready.wait(30)
     report: dict[str, Any] = {}
-    for kind, concurrency in (("GetOrderSummary", 16), ("SearchOrders", 16), ("ListOrderSummaries", 2)):
-        results = ctx.Queue()
-        jobs = [
-            {
-                "query_addr": system.extra["big_query_addr"],
-                "kind": kind,
-                "concurrency": concurrency // 2,
-                "seconds": args.seconds / 2,
-                "orders": args.read_orders,
-                "seed": run * 10 + i,
-            }
-            for i in range(2)
-        ]
-        procs = [ctx.Process(target=query_process, args=(job, results)) for job in jobs]
-        started = time.monotonic()
-        for proc in procs:
-            proc.start()
-        outs = [results.get(timeout=120) for _ in procs]
-        elapsed = time.monotonic() - started
-        for proc in procs:
-            proc.join(30)
-        values = [v for out in outs for v in out[kind]]
-        report[kind] = summary(values, elapsed)
-        if kind == "ListOrderSummaries":
-            report[kind]["rows_per_second"] = report[kind]["per_second"] * 10_000
+    try:
+        kinds = (("NoOpCall", 16), ("GetOrderSummary", 16), ("SearchOrders", 16), ("ListOrderSummaries", 2))
+        for kind, concurrency in kinds:
+            results = ctx.Queue()
+            jobs = [
+                {
+                    "settings": system.settings.__dict__,
+                    "address": f"127.0.0.1:{noop_port}" if kind == "NoOpCall" else system.extra["big_query_addr"],
+                    "kind": kind,
+                    "concurrency": concurrency // 2,
+                    "seconds": args.seconds / 2,
+                    "order_ids": system.order_ids,
+                    "seed": run * 10 + i,
+                }
+                for i in range(2)
+            ]
+            procs = [ctx.Process(target=query_process, args=(job, results)) for job in jobs]
+            for proc in procs:
+                proc.start()
+            outs = [results.get(timeout=120) for _ in procs]
+            elapsed = max(out["seconds"] for out in outs)
+            for proc in procs:
+                proc.join(30)
+            report[kind] = summary([v for out in outs for v in out["latencies"]], elapsed)
+            if kind == "ListOrderSummaries":
+                report[kind]["rows_per_second"] = report[kind]["per_second"] * 10_000
+    finally:
+        noop.kill()
+        noop.join()
     return report
 
 
+def synthetic_order_id(n: int) -> str:
+    """The id synthetic_read_model_sql gives its n-th order."""
+    return str(uuid.UUID(hashlib.md5(str(n).encode()).hexdigest()))
+
+
 def big_read_model(system: LocalSystem, orders: int) -> None:
-    """A second read database with `orders` synthetic summaries, served by a query service of its own."""
+    """A second read database with `orders` synthetic summaries, served by a query service of its own
+    (or, against a given system, the orders its read database already has)."""
+    if not system.local:
+        with psycopg.connect(libpq_url(system.settings.query_database), autocommit=True) as conn:
+            rows = conn.execute("SELECT order_id FROM order_summaries ORDER BY random() LIMIT 10000").fetchall()
+            system.extra["read_orders"] = str(conn.execute("SELECT count(*) FROM order_summaries").fetchone()[0])
+        system.extra["big_query_addr"] = system.settings.query_addr
+        system.order_ids = [row[0] for row in rows]
+        return
     url = system.settings.read_database_url.rsplit("/", 1)[0] + "/bench_big_read"
     asyncio.run(ensure_database(url))
     from orders.migrations import READ
@@ -429,6 +518,10 @@ def big_read_model(system: LocalSystem, orders: int) -> None:
     addresses = local_stack.free_addresses()
     system.start("query_service", read_database_url=url, **addresses)
     system.extra["big_query_addr"] = addresses["query_addr"]
+    system.extra["read_orders"] = str(orders)
+    system.order_ids = [
+        synthetic_order_id(n) for n in random.Random(7).sample(range(1, orders + 1), min(orders, 10_000))
+    ]
 
 
 # --- orchestration ---------------------------------------------------------------------------------
@@ -446,8 +539,9 @@ def one_run(system: LocalSystem, args: argparse.Namespace, run: int) -> dict[str
     log(run, "commands at half speed, visibility", result["commands_paced"]["visibility_ms"])
     result["raw_jetstream"] = asyncio.run(raw_jetstream(system, args.backlog))
     log(run, "raw JetStream", result["raw_jetstream"])
-    result["projector_drain"] = drain(system, args.backlog, run)
-    log(run, "projector drain", result["projector_drain"]["per_second"])
+    if system.local:  # draining a backlog means stopping the projector: only on a system of our own
+        result["projector_drain"] = drain(system, args.backlog, run)
+        log(run, "projector drain", result["projector_drain"]["per_second"])
     result["queries"] = query_bench(system, args, run)
     log(run, "queries", {k: round(v["per_second"]) for k, v in result["queries"].items()})
     return result
@@ -459,9 +553,11 @@ def log(run: int, what: str, value: Any) -> None:
 
 def ratios(run: dict[str, Any]) -> dict[str, float]:
     place = run["commands_max"]["by_rpc"]["PlaceOrder"]["per_second"]
+    drained = run.get("projector_drain", {}).get("per_second", float("nan"))
     return {
         "placeorder_vs_raw_sql": place / run["raw_sql"]["per_second"],
-        "projected_vs_raw_consume": run["projector_drain"]["per_second"] / run["raw_jetstream"]["consume_per_second"],
+        "projected_vs_raw_consume": drained / run["raw_jetstream"]["consume_per_second"],
+        "get_vs_noop_call": run["queries"]["GetOrderSummary"]["per_second"] / run["queries"]["NoOpCall"]["per_second"],
     }
 
 
@@ -476,15 +572,27 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--read-orders", type=int, default=100_000)
     parser.add_argument("--out", default="bench-results")
+    parser.add_argument(
+        "--given",
+        action="store_true",
+        help="measure the system the ORDERS_* variables point at (addresses, database URLs, NATS, client "
+        "TLS and token) instead of starting one; it must allow creating scratch databases and a stream",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, local_system(Path(tmp)) as system:
-        system.start("command_service", "projector", "query_service")
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, contextlib.ExitStack() as stack:
+        if args.given:
+            system = LocalSystem(Settings.from_env(), Path(tmp), local=False)
+        else:
+            system = stack.enter_context(local_system(Path(tmp)))
+            system.start("command_service", "projector", "query_service")
         seed_products(system, SKUS, stock=10_000_000)
         big_read_model(system, args.read_orders)
         runs = [one_run(system, args, run) for run in range(args.runs)]
         description = machine()
+        description["read_model_orders"] = int(system.extra["read_orders"])
+        description["system"] = "given endpoints" if args.given else "local, started by the benchmark"
     report = {"args": vars(args), "machine": description, "runs": runs, "median": medians(runs)}
     (out / "bench.json").write_text(json.dumps(report, indent=1))
     table = markdown(report)
@@ -518,13 +626,18 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for kind in ("PlaceOrder", "CancelOrder", "UpdateInventory"):
         for stat in ("per_second", "p50_ms", "p95_ms", "p99_ms"):
             figures[f"{kind}_{stat}"] = ["commands_max", "by_rpc", kind, stat]
-    for kind in ("GetOrderSummary", "SearchOrders", "ListOrderSummaries"):
+    for kind in ("NoOpCall", "GetOrderSummary", "SearchOrders", "ListOrderSummaries"):
         for stat in ("per_second", "p50_ms", "p95_ms", "p99_ms"):
             figures[f"{kind}_{stat}"] = ["queries", kind, stat]
     result = {name: pick(path) for name, path in figures.items()}
     result["ListOrderSummaries_rows_per_s"] = pick(["queries", "ListOrderSummaries", "rows_per_second"])
     result["placeorder_vs_raw_sql"] = median([ratios(r)["placeorder_vs_raw_sql"] for r in runs])
     result["projected_vs_raw_consume"] = median([ratios(r)["projected_vs_raw_consume"] for r in runs])
+    result["get_vs_noop_call"] = median([ratios(r)["get_vs_noop_call"] for r in runs])
+    components = sorted({name for r in runs for name in r["commands_max"]["cpu_ms_per_command"]})
+    result["cpu_ms_per_command"] = {
+        name: median([r["commands_max"]["cpu_ms_per_command"].get(name, 0.0) for r in runs]) for name in components
+    }
     for service in ("command_service", "projector", "query_service"):
         result[f"{service}_max_rss_mb"] = max(r["commands_max"]["max_rss_mb"].get(service, 0.0) for r in runs)
     return result
@@ -566,10 +679,16 @@ def markdown(report: dict[str, Any]) -> str:
         ("ratio projected / raw consume", f"{m['projected_vs_raw_consume']:.2f}", ""),
         ("raw JetStream publish with acks", f"{m['raw_publish_per_s']:,.0f} events/s", ""),
         (
+            "no-op gRPC unary call (grpc.aio server, same clients), 16 callers",
+            f"{m['NoOpCall_per_second']:,.0f}/s",
+            f"p50 {m['NoOpCall_p50_ms']:.1f} / p99 {m['NoOpCall_p99_ms']:.1f} ms",
+        ),
+        (
             "GetOrderSummary, 16 callers",
             f"{m['GetOrderSummary_per_second']:,.0f}/s",
             f"p50 {m['GetOrderSummary_p50_ms']:.1f} / p99 {m['GetOrderSummary_p99_ms']:.1f} ms",
         ),
+        ("ratio GetOrderSummary / no-op call", f"{m['get_vs_noop_call']:.2f}", ""),
         (
             "SearchOrders, 16 callers",
             f"{m['SearchOrders_per_second']:,.0f}/s",
@@ -586,9 +705,17 @@ def markdown(report: dict[str, Any]) -> str:
     head = (
         f"Medians of {a['runs']} runs; {d['cores']} cores, {d['memory_gib']} GiB, Python {d['python']}, "
         f"{d['postgres']}, {d['nats_server']}; {a['concurrency']} concurrent callers from {a['clients']} "
-        f"processes, {a['seconds']:g} s per phase.\n\n| what | throughput | latency |\n|---|---|---|\n"
+        f"processes, {a['seconds']:g} s per phase; queries on {d['read_model_orders']:,} orders; "
+        f"{d['system']}.\n\n| what | throughput | latency |\n|---|---|---|\n"
     )
-    return head + "\n".join(f"| {what} | {rate} | {latency} |" for what, rate, latency in rows) + "\n"
+    cpu = m["cpu_ms_per_command"]
+    where = (
+        "\n\nWhere the time goes at full command speed (CPU ms per command, until the projector caught up): "
+        + ", ".join(f"{name} {ms:.2f}" for name, ms in sorted(cpu.items(), key=lambda item: -item[1]))
+        + f"; total {sum(cpu.values()):.2f} ms for {d['cores']} cores.\n"
+    )
+    table = "\n".join(f"| {what} | {rate} | {latency} |" for what, rate, latency in rows if "nan" not in rate + latency)
+    return head + table + where
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
@@ -612,7 +739,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
     left.legend()
     for label, series in (
         ("commands at full speed", last["commands_max"]["lag"]),
-        ("draining the backlog", last["projector_drain"]["lag"]),
+        ("draining the backlog", last.get("projector_drain", {}).get("lag", [])),
     ):
         right.plot([t for t, _ in series], [n for _, n in series], label=label)
     right.set_xlabel("s")

@@ -31,6 +31,9 @@ class LocalSystem:
     work: Path
     processes: list[local_stack.ManagedProcess] = field(default_factory=list)
     extra: dict[str, str] = field(default_factory=dict)  # what a benchmark adds (e.g. another address)
+    infra_pids: dict[str, int] = field(default_factory=dict)  # "postgres" (the postmaster), "nats"
+    local: bool = True  # False: the endpoints in settings belong to a system running elsewhere
+    order_ids: list[str] = field(default_factory=list)  # orders of the read model the queries ask for
 
     def start(self, *modules: str, **overrides: Any) -> None:
         """Start service processes (with setting overrides) and wait for each to answer SERVING."""
@@ -47,14 +50,16 @@ class LocalSystem:
 
 def seed_products(system: LocalSystem, skus: list[str], stock: int) -> None:
     """Catalog products with plenty of stock, through the CommandService."""
-    import grpc
-
+    from orders import security
     from orders.v1 import commands_pb2_grpc
 
-    with grpc.insecure_channel(system.settings.command_addr) as channel:
+    settings = system.settings
+    with security.client_channel(settings.command_addr, settings) as channel:
         stub = commands_pb2_grpc.CommandServiceStub(channel)
         for sku in skus:
-            add_product(stub, sku, stock=stock, price=500, name=f"Bench {sku}")
+            add_product(
+                stub, sku, stock=stock, price=500, name=f"Bench {sku}", metadata=security.call_metadata(settings)
+            )
 
 
 @contextlib.contextmanager
@@ -75,6 +80,7 @@ def local_system(work: Path, **overrides: Any) -> Iterator[LocalSystem]:
             }
         ),
         work,
+        infra_pids={"postgres": pg.process.pid, "nats": nats.process.pid},
     )
     try:
         asyncio.run(migrate(system.settings))
@@ -84,6 +90,36 @@ def local_system(work: Path, **overrides: Any) -> Iterator[LocalSystem]:
             proc.stop()
         nats.stop()
         pg.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_children(pid: int) -> list[int]:
+    """pid and its direct children (PostgreSQL's backends are children of the postmaster)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+    return [pid, *children]
+
+
+def cpu_by_component(system: LocalSystem) -> dict[str, float]:
+    """CPU seconds used so far by each service process, PostgreSQL (all backends) and nats-server."""
+    usage = {proc.name: 0.0 for proc in system.processes}
+    for proc in system.processes:
+        usage[proc.name] += cpu_seconds(proc.pid)
+    for name, pid in system.infra_pids.items():
+        usage[name] = sum(cpu_seconds(p) for p in with_children(pid))
+    return usage
 
 
 def percentile(values: Sequence[float], p: float) -> float:

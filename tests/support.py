@@ -305,6 +305,7 @@ def add_product(
     price: int = 100,
     currency: str = "EUR",
     name: str | None = None,
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> None:
     """Create a catalog product through the CommandService and set its stock."""
     commands.UpsertProduct(
@@ -315,10 +316,13 @@ def add_product(
             unit_price=common_pb2.Money(currency_code=currency, minor_units=price),
         ),
         timeout=10,
+        metadata=metadata,
     )
     if stock:
         commands.UpdateInventory(
-            commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, set_level=stock), timeout=10
+            commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, set_level=stock),
+            timeout=10,
+            metadata=metadata,
         )
 
 
