@@ -57,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 import psycopg  # noqa: E402
 
-from orders import jetstream, security  # noqa: E402
+from orders import jetstream, local_stack, security  # noqa: E402
 from orders.config import Settings  # noqa: E402
 from orders.db import ensure_database, libpq_url  # noqa: E402
 from orders.events import PRODUCT, EventContext, build_event  # noqa: E402
@@ -231,9 +231,10 @@ def drive(system: LocalSystem, args: argparse.Namespace, rate: float, visibility
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     per_client = max(1, args.concurrency // args.clients)
+    command_addrs = system.command_addrs or [system.settings.command_addr]
     jobs = [
         {
-            "settings": system.settings.__dict__,
+            "settings": {**system.settings.__dict__, "command_addr": command_addrs[i % len(command_addrs)]},
             "concurrency": per_client,
             "seconds": args.seconds,
             "rate": rate / args.clients,
@@ -451,8 +452,6 @@ def query_process(job: dict[str, Any], results: Any) -> None:
 def query_bench(system: LocalSystem, args: argparse.Namespace, run: int) -> dict[str, Any]:
     """Each query kind from 2 client processes; the no-op gRPC call first, with the same clients."""
     ctx = mp.get_context("spawn")
-    from orders import local_stack
-
     noop_port, ready = local_stack.free_port(), ctx.Event()
     noop = ctx.Process(target=noop_server, args=(noop_port, ready), daemon=True)
     noop.start()
@@ -513,8 +512,6 @@ def big_read_model(system: LocalSystem, orders: int) -> None:
     with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         if conn.execute("SELECT count(*) FROM order_summaries").fetchone() == (0,):
             conn.execute(synthetic_read_model_sql(orders))
-    from orders import local_stack
-
     addresses = local_stack.free_addresses()
     system.start("query_service", read_database_url=url, **addresses)
     system.extra["big_query_addr"] = addresses["query_addr"]
@@ -571,6 +568,12 @@ def main() -> None:
     parser.add_argument("--inventory-share", type=float, default=0.1)
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--read-orders", type=int, default=100_000)
+    parser.add_argument(
+        "--command-processes",
+        type=int,
+        default=1,
+        help="command service processes (one relay publishes; the client processes are spread over them)",
+    )
     parser.add_argument("--out", default="bench-results")
     parser.add_argument(
         "--given",
@@ -587,6 +590,11 @@ def main() -> None:
         else:
             system = stack.enter_context(local_system(Path(tmp)))
             system.start("command_service", "projector", "query_service")
+            system.command_addrs = [system.settings.command_addr]
+            for _ in range(args.command_processes - 1):  # more command processes, each on ports of its own
+                addresses = local_stack.free_addresses()
+                system.start("command_service", **addresses)
+                system.command_addrs.append(addresses["command_addr"])
         seed_products(system, SKUS, stock=10_000_000)
         big_read_model(system, args.read_orders)
         runs = [one_run(system, args, run) for run in range(args.runs)]

@@ -34,6 +34,7 @@ class LocalSystem:
     infra_pids: dict[str, int] = field(default_factory=dict)  # "postgres" (the postmaster), "nats"
     local: bool = True  # False: the endpoints in settings belong to a system running elsewhere
     order_ids: list[str] = field(default_factory=list)  # orders of the read model the queries ask for
+    command_addrs: list[str] = field(default_factory=list)  # every command service process (local)
 
     def start(self, *modules: str, **overrides: Any) -> None:
         """Start service processes (with setting overrides) and wait for each to answer SERVING."""
