@@ -226,8 +226,12 @@ class Load:
 
 def wait_for_commands(load: Load, more: int, timeout: float = 60) -> None:
     """Block until the load has sent `more` further commands (so a fault strikes mid-load)."""
-    target = load.count() + more
-    eventually(lambda: load.count() >= target, timeout, f"{more} more commands")
+    wait_for_count(load, load.count() + more, timeout)
+
+
+def wait_for_count(load: Load, count: int, timeout: float = 60) -> None:
+    """Block until the load has sent `count` commands in all."""
+    eventually(lambda: load.count() >= count, timeout, f"{count} commands sent")
 
 
 # ---- a system of the scenario's own -------------------------------------------------------------

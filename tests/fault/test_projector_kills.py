@@ -37,8 +37,8 @@ def test_projector_sigkilled_five_times_during_load(
         load = harness.Load(client, skus, [f"k{i}" for i in range(50)], total=2000)
         exit_codes = []
         with load.running():
-            for _ in range(KILLS):
-                harness.wait_for_commands(load, 200)
+            for kill in range(KILLS):  # at commands 200, 400, ... 1,000 of 2,000, however slow the machine
+                harness.wait_for_count(load, 200 * (kill + 1))
                 before = applied_versions(system)
                 eventually(lambda b=before: applied_versions(system) > b, 30, "the projector applying events")
                 victim = system.processes["projector"]
