@@ -514,28 +514,43 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    """Compare the databases directly (works with the projector stopped); exit 1 on any difference."""
+    """Compare the databases directly (works with the projector stopped); with --stream, also read the
+    event stream and check that every event is in it once. Exit 1 on any difference."""
     from projector.verify import verify
 
     report = asyncio.run(verify(settings.write_database_url, settings.read_database_url))
+    stream = asyncio.run(_verify_stream(settings)) if args.stream else None
+    differences = report.differences + (stream.differences if stream else [])
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "orders_checked": report.orders_checked,
-                    "products_checked": report.products_checked,
-                    "differences": report.differences,
-                }
-            )
-        )
+        result: dict[str, Any] = {
+            "orders_checked": report.orders_checked,
+            "products_checked": report.products_checked,
+            "differences": differences,
+        }
+        if stream:
+            result["stream"] = {"messages": stream.messages, "undecodable": stream.undecodable}
+        print(json.dumps(result))
     else:
-        for line in report.differences[:100]:
+        for line in differences[:100]:
             print(line)
+        if stream:
+            print(f"stream {settings.stream}: {stream.messages} messages, {len(stream.undecodable)} undecodable")
         print(
             f"checked {report.orders_checked} orders and {report.products_checked} products: "
-            f"{len(report.differences)} differences"
+            f"{len(differences)} differences"
         )
-    return 0 if report.ok else 1
+    return 0 if not differences else 1
+
+
+async def _verify_stream(settings: Settings) -> Any:
+    from orders import jetstream
+    from projector.verify import verify_stream
+
+    nc = await jetstream.connect(settings, "orders-verify", retry_forever=False)
+    try:
+        return await verify_stream(nc, settings.stream)
+    finally:
+        await jetstream.close(nc)
 
 
 # ---- parser -------------------------------------------------------------------------------------
@@ -634,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", type=int, nargs="*", help="dead letter ids (show, replay, discard)")
     p.add_argument("--limit", type=int, default=100)
     add("rebuild", cmd_rebuild, "replay the whole stream into fresh read tables and swap them in", client=True)
-    add("verify", cmd_verify, "compare the read model with the write database; exit 1 on differences", client=True)
+    p = add("verify", cmd_verify, "compare the read model with the write database; exit 1 on differences", client=True)
+    p.add_argument("--stream", action="store_true", help="also check that every event is in the stream once")
     return parser
 
 

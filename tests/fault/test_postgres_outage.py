@@ -1,0 +1,52 @@
+"""The write database's PostgreSQL stopped for 5 s during load: commands fail fast with UNAVAILABLE,
+health turns NOT_SERVING, and everything recovers without restarting a service."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import pytest
+
+from orders import local_stack
+from tests.fault import harness
+from tests.support import Infra, eventually, isolated_settings
+
+pytestmark = pytest.mark.fault
+
+OUTAGE_SECONDS = 5.0
+
+
+def test_write_database_stopped_for_five_seconds(infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path) -> None:
+    started = time.monotonic()
+    pg = local_stack.start_postgres(tmp_path / "write-db", durable=False)
+    settings = isolated_settings(infra, nats_url=own_nats.url, write_database_url=pg.url("orders_write"))
+    client = harness.Client([settings.command_addr])
+    with harness.system(settings, tmp_path) as system, contextlib.closing(client):
+        system.adopt("postgres", pg.process)
+        command = system.start("command", "command_service")
+        projector = system.start("projector", "projector")
+        skus = system.seed_catalog(client)
+        load = harness.Load(client, skus, [f"p{i}" for i in range(50)])
+        with load.running():
+            harness.wait_for_commands(load, 200)
+            pg.stop()
+            down_at = time.monotonic()
+            eventually(lambda: harness.health(settings.command_addr) == "NOT_SERVING", OUTAGE_SECONDS, "NOT_SERVING")
+            time.sleep(max(0.0, down_at + OUTAGE_SECONDS - time.monotonic()))  # the rest of the outage
+            failed_during_outage = len(client.failed_attempts())
+            pg = local_stack.start_postgres(tmp_path / "write-db", port=pg.port, durable=False)
+            system.adopt("postgres", pg.process)
+            fault_end = time.monotonic()
+            eventually(lambda: harness.health(settings.command_addr) == "SERVING", 30, "SERVING again")
+            caught_up = harness.caught_up_after(settings, fault_end)
+            harness.wait_for_commands(load, 100)
+        harness.finish("write PostgreSQL down 5 s", system, client, caught_up, started)
+
+        failed = client.failed_attempts()
+        assert failed_during_outage > 0 and {a.code for a in failed} == {"UNAVAILABLE"}
+        slowest = max(a.seconds for a in failed)
+        assert slowest < harness.CALL_DEADLINE / 2, f"a failed call took {slowest:.1f}s"
+        assert command.alive() and projector.alive()  # recovered without a restart
+        assert system.processes["command"] is command and system.processes["projector"] is projector
