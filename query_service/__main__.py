@@ -8,6 +8,7 @@ import logging
 
 import sqlalchemy as sa
 from prometheus_client import Gauge
+from psycopg_pool import AsyncConnectionPool
 
 from orders import db, migrations, readiness
 from orders.config import Settings
@@ -70,22 +71,25 @@ class ProjectionProbe:
 
 
 async def serve(settings: Settings) -> None:
-    stop = stop_event()
     engine = db.create_engine(settings.query_database, 2, "orders-query-health")  # the health probes only
+    try:
+        # The pool connects in the background (the database probe gates serving) and is closed however
+        # serving ends, a refused start (NotMigrated) included.
+        async with create_pool(settings.query_database, settings.db_pool_size, timeout=POOL_WAIT_SECONDS) as pool:
+            await _serve(settings, engine, pool)
+    finally:
+        await engine.dispose()
+
+
+async def _serve(settings: Settings, engine: db.AsyncEngine, pool: AsyncConnectionPool) -> None:
+    stop = stop_event()
     database = readiness.DatabaseProbe(engine, settings.query_database, migrations.READ, "read")
-    pool = create_pool(settings.query_database, settings.db_pool_size, timeout=POOL_WAIT_SECONDS)
-    await pool.open(wait=False)  # connects in the background; the database probe gates serving
     read_model = ReadModel(pool)
     feed = ChangeFeed(settings.query_database, read_model)
     servicer = QueryService(
         read_model, feed, settings.read_wait_max, settings.watch_queue_size, settings.max_watches_per_connection
     )
-    server, port, health = create_server(
-        settings.query_addr,
-        SERVICE,
-        servicer,
-        settings,
-    )
+    server, port, health = create_server(settings.query_addr, SERVICE, servicer, settings)
     feed_task = asyncio.create_task(feed.run(), name="change-feed")
     metrics_port = serve_metrics(settings.query_metrics_addr)
     Gauge("orders_query_watch_streams", "Open WatchOrderSummaries streams").set_function(lambda: feed.active_watches)
@@ -94,7 +98,11 @@ async def serve(settings: Settings) -> None:
         SERVICE.full_name: [database, feed.probe],
         PROJECTION_HEALTH: [ProjectionProbe(engine, settings)],
     }
-    health_task = await readiness.follow(health, statuses)  # raises NotMigrated before serving
+    try:
+        health_task = await readiness.follow(health, statuses)  # raises NotMigrated before serving
+    except BaseException:
+        feed_task.cancel()
+        raise
     await server.start()
     host = settings.query_addr.rpartition(":")[0]
     log.info("QueryService listening on %s:%d; metrics on port %d", host, port, metrics_port)
@@ -109,8 +117,6 @@ async def serve(settings: Settings) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await pool.close()
-        await engine.dispose()
 
 
 def main() -> None:
