@@ -144,7 +144,9 @@ class Settings:
     projector_batch: int = _setting(256, _parse_positive_int, "Events fetched and applied per transaction.")
     ack_wait: float = _setting(30.0, _parse_positive_float, "Seconds before an unacked event is redelivered.")
     max_deliver: int = _setting(
-        20, _parse_positive_int, "Deliveries after which an event still waiting for its predecessor is dead-lettered."
+        20,
+        _parse_positive_int,
+        "Deliveries after which a failing event, or one missing a predecessor the stream lacks, is dead-lettered.",
     )
     retry_backoff: tuple[float, ...] = _setting(
         (0.5, 1.0, 2.0, 5.0, 10.0, 30.0),

@@ -7,7 +7,8 @@ Invariants:
   (a plain nak would redeliver at once and burn deliveries in milliseconds), never applied early.
 - Errors are classified. Permanent (undecodable, contradicting its envelope, failing on its own):
   dead-lettered at once with its raw bytes and terminated. Transient (database unreachable): the batch
-  is nak'ed with the schedule's delay. A GAP that reaches `max_deliver` deliveries is dead-lettered.
+  is nak'ed with the schedule's delay. A GAP that reaches `max_deliver` deliveries is dead-lettered
+  only when the stream does not hold its predecessor (if it does, the predecessor is on its way).
   Later events of a dead-lettered aggregate are parked in the dead-letter table instead of retried,
   while other aggregates keep flowing. The consumer itself never gives up on an event (its server-side
   max_deliver is unlimited): giving up is the projector's decision, so it is always recorded.
@@ -24,6 +25,7 @@ import time
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import psycopg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -48,6 +50,7 @@ STALL_CHECK_SECONDS = 15.0  # empty fetches for this long → check the subscrip
 CONFLICT_RETRY_DELAY = 0.05
 GAP_RECHECKS = 20  # in-process re-checks of a batch's GAP events, while they make progress
 GAP_RECHECK_PAUSE = 0.02
+PREDECESSOR_LOOKUPS = 100  # stream lookups for a GAP's predecessor before it may be dead-lettered
 
 APPLIED = Counter("orders_projector_events_applied", "Events applied to the read model")
 DUPLICATES = Counter(
@@ -267,11 +270,49 @@ class Projector:
         exhausted = [
             (msg, item)
             for msg, item in items
-            if item.outcome is Outcome.GAP and (msg.metadata.num_delivered or 1) >= self._settings.max_deliver
+            if item.outcome is Outcome.GAP
+            and (msg.metadata.num_delivered or 1) >= self._settings.max_deliver
+            and not await self._predecessor_in_stream(msg, item)
         ]
         if exhausted:
             letters += await self._apply(msgs, exhausted, [], give_up=True)
         return letters
+
+    async def _predecessor_in_stream(self, msg: Msg, item: Item) -> bool:
+        """Whether the stream holds this GAP's predecessor (the aggregate's previous version) between the
+        aggregate's latest applied event and this one: then it is on its way, and the GAP keeps waiting
+        however many deliveries that takes. (After a stream leader or consumer failover, events delivered
+        to a session that died come back only after ack_wait, and a chain of successors waits behind them.)
+
+        Only a predecessor that the stream does not hold (never published, or removed by the stream's
+        limits) makes a GAP a dead letter. When the stream cannot be asked, keep waiting.
+        """
+        if self.nc is None:
+            return True
+        wanted, cursor = item.event.aggregate_version - 1, item.applied_seq + 1
+        jsm = self.nc.jsm()
+        try:
+            for _ in range(PREDECESSOR_LOOKUPS):
+                found = await jsm.get_msg(self._settings.stream, seq=cursor, subject=msg.subject, next=True)
+                if found.seq is None or found.seq >= item.seq:
+                    return False
+                with contextlib.suppress(UndecodableEvent):
+                    if parse_event(found.data or b"").aggregate_version == wanted:
+                        log.info(
+                            "%s/%s v%d: its predecessor is in the stream (sequence %d) after %d deliveries; waiting",
+                            *item.aggregate,
+                            item.event.aggregate_version,
+                            found.seq,
+                            msg.metadata.num_delivered or 1,
+                        )
+                        return True
+                cursor = found.seq + 1
+        except nats.js.errors.NotFoundError:
+            return False
+        except Exception as exc:
+            log.warning("cannot look up the predecessor of stream sequence %d (%s); waiting for it", item.seq, exc)
+            return True
+        return True  # too many events in between to tell: wait rather than give up on an event that may come
 
     async def _retry_later(self, msgs: list[Msg], exc: Exception) -> None:
         """Transient failure (or a lone event failing for a reason not yet known): nak with back-off.

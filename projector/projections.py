@@ -48,6 +48,7 @@ class Item:
     seq: int
     event: events_pb2.EventEnvelope
     outcome: Outcome | None = None
+    applied_seq: int = 0  # a GAP's aggregate: stream sequence of its latest applied event (0: none yet)
 
     @property
     def aggregate(self) -> tuple[str, str]:
@@ -277,6 +278,7 @@ def _fold_aggregate(proj: _Projection, current: Row | None, items: list[Item], t
             item.outcome = Outcome.APPLIED
         else:
             item.outcome = Outcome.GAP
+            item.applied_seq = 0 if row is None else row["stream_seq"]
     return row
 
 

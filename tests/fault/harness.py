@@ -292,6 +292,23 @@ def system(settings: Settings, log_dir: Path) -> Iterator[System]:
         running.close()
 
 
+@contextlib.contextmanager
+def loaded_system(
+    settings: Settings, log_dir: Path, customers: str, *, adopt: dict[str, Any] | None = None, **load_options: Any
+) -> Iterator[tuple[System, Client, Load]]:
+    """The usual scenario: a system of its own with one command service and one projector on settings
+    (after adopting the given processes, so that they are stopped with it), a seeded catalog, and a
+    load over 50 customers named <customers><n>, not started yet."""
+    client = Client([settings.command_addr])
+    with system(settings, log_dir) as running, contextlib.closing(client):
+        for name, proc in (adopt or {}).items():
+            running.adopt(name, proc)
+        running.start("command", "command_service")
+        running.start("projector", "projector")
+        skus = running.seed_catalog(client)
+        yield running, client, Load(client, skus, [f"{customers}{i}" for i in range(50)], **load_options)
+
+
 # ---- checks -------------------------------------------------------------------------------------
 
 

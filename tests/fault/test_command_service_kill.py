@@ -3,7 +3,6 @@ command takes effect exactly once."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -21,12 +20,7 @@ KILLS = 2
 def test_command_service_sigkilled_mid_load(infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path) -> None:
     started = time.monotonic()
     settings = isolated_settings(infra, nats_url=own_nats.url)
-    client = harness.Client([settings.command_addr])
-    with harness.system(settings, tmp_path) as system, contextlib.closing(client):
-        system.start("command", "command_service")
-        system.start("projector", "projector")
-        skus = system.seed_catalog(client)
-        load = harness.Load(client, skus, [f"c{i}" for i in range(50)], workers=6)
+    with harness.loaded_system(settings, tmp_path, "c", workers=6) as (system, client, load):
         with load.running():
             for _ in range(KILLS):
                 harness.wait_for_commands(load, 300)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -22,12 +21,7 @@ def test_commands_succeed_while_nats_is_down_and_the_backlog_drains(
 ) -> None:
     started = time.monotonic()
     settings = isolated_settings(infra, nats_url=own_nats.url)
-    client = harness.Client([settings.command_addr])
-    with harness.system(settings, tmp_path) as system, contextlib.closing(client):
-        system.start("command", "command_service")
-        system.start("projector", "projector")
-        skus = system.seed_catalog(client)
-        load = harness.Load(client, skus, [f"n{i}" for i in range(50)])
+    with harness.loaded_system(settings, tmp_path, "n") as (system, client, load):
         with load.running():
             harness.wait_for_commands(load, 200)
             own_nats.stop()

@@ -10,7 +10,6 @@ operator discards the poison and replays the parked event, verify is green.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -93,15 +92,10 @@ def test_poison_event_is_dead_lettered_and_everything_else_applies(
 ) -> None:
     started = time.monotonic()
     settings = isolated_settings(infra, nats_url=own_nats.url)
-    client = harness.Client([settings.command_addr])
-    with harness.system(settings, tmp_path) as system, contextlib.closing(client):
-        system.start("command", "command_service")
-        system.start("projector", "projector")
-        skus = system.seed_catalog(client)
-        load = harness.Load(client, skus, [f"x{i}" for i in range(50)])
+    with harness.loaded_system(settings, tmp_path, "x") as (system, client, load):
         with load.running():
             harness.wait_for_commands(load, 200)
-            probe = client.place("poison-probe", [(skus[0], 1)])
+            probe = client.place("poison-probe", [(system.skus[0], 1)])
             eventually(lambda: projected_version(settings, probe.order_id) == 1, 30, "the probe order projected")
             poison_seq = publish_poison(settings, probe.order_id)
             assert client.cancel(probe.order_id).ok  # its event goes to the stream after the poison

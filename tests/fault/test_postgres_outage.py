@@ -3,7 +3,6 @@ health turns NOT_SERVING, and everything recovers without restarting a service."
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -22,13 +21,8 @@ def test_write_database_stopped_for_five_seconds(infra: Infra, own_nats: local_s
     started = time.monotonic()
     pg = local_stack.start_postgres(tmp_path / "write-db", durable=False)
     settings = isolated_settings(infra, nats_url=own_nats.url, write_database_url=pg.url("orders_write"))
-    client = harness.Client([settings.command_addr])
-    with harness.system(settings, tmp_path) as system, contextlib.closing(client):
-        system.adopt("postgres", pg.process)
-        command = system.start("command", "command_service")
-        projector = system.start("projector", "projector")
-        skus = system.seed_catalog(client)
-        load = harness.Load(client, skus, [f"p{i}" for i in range(50)])
+    with harness.loaded_system(settings, tmp_path, "p", adopt={"postgres": pg.process}) as (system, client, load):
+        command, projector = system.processes["command"], system.processes["projector"]
         with load.running():
             harness.wait_for_commands(load, 200)
             pg.stop()

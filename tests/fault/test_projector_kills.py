@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import time
 from pathlib import Path
@@ -29,12 +28,7 @@ def test_projector_sigkilled_five_times_during_load(
     started = time.monotonic()
     # Small batches and a short ack_wait: kills land between fetch and ack, and redeliveries come soon.
     settings = isolated_settings(infra, nats_url=own_nats.url, projector_batch=16, ack_wait=2.0)
-    client = harness.Client([settings.command_addr])
-    with harness.system(settings, tmp_path) as system, contextlib.closing(client):
-        system.start("command", "command_service")
-        system.start("projector", "projector")
-        skus = system.seed_catalog(client)
-        load = harness.Load(client, skus, [f"k{i}" for i in range(50)], total=2000)
+    with harness.loaded_system(settings, tmp_path, "k", total=2000) as (system, client, load):
         exit_codes = []
         with load.running():
             for kill in range(KILLS):  # at commands 200, 400, ... 1,000 of 2,000, however slow the machine

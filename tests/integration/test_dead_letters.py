@@ -53,7 +53,20 @@ class ProjectorUnderTest:
 
 @pytest.fixture
 def projector(infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path) -> Iterator[ProjectorUnderTest]:
-    settings = isolated_settings(infra, nats_url=own_nats.url, max_deliver=3, retry_backoff=(0.2,))
+    yield from projector_under_test(infra, own_nats, tmp_path)
+
+
+@pytest.fixture
+def projector_short_ack_wait(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> Iterator[ProjectorUnderTest]:
+    yield from projector_under_test(infra, own_nats, tmp_path, ack_wait=4.0)
+
+
+def projector_under_test(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path, **overrides: object
+) -> Iterator[ProjectorUnderTest]:
+    settings = isolated_settings(infra, nats_url=own_nats.url, max_deliver=3, retry_backoff=(0.2,), **overrides)
     asyncio.run(migrate(settings))
     asyncio.run(publish_events(settings, []))  # creates the stream
     channel = grpc.insecure_channel(settings.admin_addr)
@@ -146,6 +159,43 @@ def test_missing_predecessor_is_dead_lettered_after_max_deliver_then_replayed(pr
     assert (result.applied, result.still_open) == (2, 0)
     assert projector.view(sku) == (4, 40)
     assert projector.letters() == []
+
+
+def withhold_next_delivery(settings: Settings) -> int:
+    """Fetch the consumer's next event on a session of its own and never ack it, as a projector that
+    died right after the fetch would (JetStream redelivers it after ack_wait); returns its stream sequence."""
+
+    async def take() -> int:
+        nc = await jetstream.connect(settings.nats_url, "dying-projector", retry_forever=False)
+        try:
+            sub = await nc.jetstream().pull_subscribe_bind(durable=settings.consumer, stream=settings.stream)
+            (msg,) = await sub.fetch(1, timeout=5)
+            return int(msg.metadata.sequence.stream)
+        finally:
+            await jetstream.close(nc)
+
+    return asyncio.run(take())
+
+
+def test_a_gap_whose_predecessor_is_in_the_stream_waits_past_max_deliver(
+    projector_short_ack_wait: ProjectorUnderTest, tmp_path: Path
+) -> None:
+    """After a failover, an event delivered to a session that died comes back only after ack_wait; its
+    successor meanwhile runs out of deliveries as a GAP. It must wait, not become a dead letter."""
+    projector = projector_short_ack_wait
+    sku = f"W-{uuid.uuid4().hex[:8]}"
+    projector.publish(product_event(sku, 1, 10))
+    eventually(lambda: projector.view(sku) == (1, 10), 10, "v1 applied")
+    projector.proc.stop()
+    projector.publish(product_event(sku, 2, 20))
+    withheld = withhold_next_delivery(projector.settings)
+    projector.publish(product_event(sku, 3, 30))
+    projector.proc = start_serving("projector", projector.settings, tmp_path / "restarted")
+
+    assert eventually(lambda: projector.view(sku) == (3, 30), 30, "v2 redelivered after ack_wait, then v3")
+    assert projector.letters() == []
+    log = projector.proc.log_path.read_text()
+    assert f"its predecessor is in the stream (sequence {withheld})" in log, "v3 never ran out of deliveries"
 
 
 def test_database_outage_naks_with_back_off_and_reports_not_serving(

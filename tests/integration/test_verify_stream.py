@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import uuid
 
 import pytest
 
 from orders import jetstream, local_stack
 from orders.config import Settings
+from tests.fault.harness import verify_cli
 from tests.support import Infra, isolated_settings, migrate, publish_events, synthetic_history
 
 pytestmark = pytest.mark.e2e
-
-
-def verify(settings: Settings) -> tuple[int, dict[str, object]]:
-    done = subprocess.run(
-        [sys.executable, "-m", "orders.cli", "verify", "--stream", "--json"],
-        env={**os.environ, **settings.to_env()},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    return done.returncode, json.loads(done.stdout)
 
 
 def publish_raw(settings: Settings, subject: str, payload: bytes) -> None:
@@ -45,14 +31,14 @@ def test_stream_check_finds_events_published_twice(infra: Infra, own_nats: local
     asyncio.run(migrate(settings))
     history = synthetic_history(2500, 100, 10, seed=3, prefix=f"V{uuid.uuid4().hex[:6]}")
     asyncio.run(publish_events(settings, history.events))  # more than one fetch batch
-    code, report = verify(settings)
+    code, report = verify_cli(settings)
     assert code == 0, report
     assert report["stream"] == {"messages": 2500, "undecodable": []}
 
     publish_raw(settings, "orders.v1.events.order.junk", b"\xff not an envelope")
     copy = history.events[1200]
     publish_raw(settings, copy.subject, copy.payload)  # the same event under a new message id
-    code, report = verify(settings)
+    code, report = verify_cli(settings)
     assert code == 1
     assert report["stream"] == {"messages": 2502, "undecodable": [2501]}
     differences = report["differences"]
