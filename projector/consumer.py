@@ -3,8 +3,9 @@
 Invariants:
 - Acks are sent only after the batch's transaction committed; a crash before that makes JetStream
   redeliver, and the version check in projections turns the redelivery into a no-op.
-- An event that arrived before its predecessor (GAP) is nak'ed with a delay from the retry schedule
-  (a plain nak would redeliver at once and burn deliveries in milliseconds), never applied early.
+- An event that arrived before its predecessor (GAP) is nak'ed with a delay from the retry schedule,
+  capped at GAP_MAX_DELAY (a plain nak would redeliver at once and burn deliveries in milliseconds),
+  never applied early.
 - Errors are classified. Permanent (undecodable, contradicting its envelope, failing on its own):
   dead-lettered at once with its raw bytes and terminated. Transient (database unreachable): the batch
   is nak'ed with the schedule's delay. A GAP that reaches `max_deliver` deliveries is dead-lettered
@@ -50,6 +51,10 @@ STALL_CHECK_SECONDS = 15.0  # empty fetches for this long → check the subscrip
 CONFLICT_RETRY_DELAY = 0.05
 GAP_RECHECKS = 20  # in-process re-checks of a batch's GAP events, while they make progress
 GAP_RECHECK_PAUSE = 0.02
+# A GAP resolves as soon as its predecessor is applied, and re-checking it costs one version comparison,
+# so its redelivery delay stays short (the growing back-off is for failures); being dead-lettered only
+# when the stream lacks its predecessor, a GAP does not give up sooner because of it.
+GAP_MAX_DELAY = 2.0
 PREDECESSOR_LOOKUPS = 100  # stream lookups for a GAP's predecessor before it may be dead-lettered
 
 APPLIED = Counter("orders_projector_events_applied", "Events applied to the read model")
@@ -245,7 +250,7 @@ class Projector:
                 await msg.nak(delay=CONFLICT_RETRY_DELAY)
             elif item.outcome is Outcome.GAP:
                 log.debug("%s/%s v%d waits for its predecessor", *item.aggregate, item.event.aggregate_version)
-                await msg.nak(delay=self.retry_delay(msg.metadata.num_delivered or 1))
+                await msg.nak(delay=min(self.retry_delay(msg.metadata.num_delivered or 1), GAP_MAX_DELAY))
         for msg in letters:
             await msg.term()
 
@@ -279,10 +284,10 @@ class Projector:
         return letters
 
     async def _predecessor_in_stream(self, msg: Msg, item: Item) -> bool:
-        """Whether the stream holds this GAP's predecessor (the aggregate's previous version) between the
-        aggregate's latest applied event and this one: then it is on its way, and the GAP keeps waiting
-        however many deliveries that takes. (After a stream leader or consumer failover, events delivered
-        to a session that died come back only after ack_wait, and a chain of successors waits behind them.)
+        """Whether the stream holds this GAP's predecessor (the aggregate's previous version) after the
+        aggregate's latest applied event: then it is on its way, and the GAP keeps waiting however many
+        deliveries that takes. (After a stream leader or consumer failover, events delivered to a session
+        that died come back only after ack_wait, and a chain of successors waits behind them.)
 
         Only a predecessor that the stream does not hold (never published, or removed by the stream's
         limits) makes a GAP a dead letter. When the stream cannot be asked, keep waiting.
@@ -294,10 +299,10 @@ class Projector:
         try:
             for _ in range(PREDECESSOR_LOOKUPS):
                 found = await jsm.get_msg(self._settings.stream, seq=cursor, subject=msg.subject, next=True)
-                if found.seq is None or found.seq >= item.seq:
+                if found.seq is None:
                     return False
                 with contextlib.suppress(UndecodableEvent):
-                    if parse_event(found.data or b"").aggregate_version == wanted:
+                    if found.seq != item.seq and parse_event(found.data or b"").aggregate_version == wanted:
                         log.info(
                             "%s/%s v%d: its predecessor is in the stream (sequence %d) after %d deliveries; waiting",
                             *item.aggregate,
@@ -307,12 +312,12 @@ class Projector:
                         )
                         return True
                 cursor = found.seq + 1
-        except nats.js.errors.NotFoundError:
+        except nats.js.errors.NotFoundError:  # no further event of this aggregate in the stream
             return False
         except Exception as exc:
             log.warning("cannot look up the predecessor of stream sequence %d (%s); waiting for it", item.seq, exc)
             return True
-        return True  # too many events in between to tell: wait rather than give up on an event that may come
+        return True  # too many events to look through: wait rather than give up on an event that may come
 
     async def _retry_later(self, msgs: list[Msg], exc: Exception) -> None:
         """Transient failure (or a lone event failing for a reason not yet known): nak with back-off.

@@ -49,8 +49,8 @@ def test_stream_leader_sigkilled_in_a_three_node_cluster(infra: Infra, tmp_path:
     # Events the dying consumer leader had delivered come back only after ack_wait; later events of the
     # same (hot) products wait for them as gaps (never dead-lettered: their predecessors are in the
     # stream), and such a chain resolves one version per redelivery. With the defaults (ack_wait 30 s,
-    # back-off growing to 30 s) that takes minutes after a failover (see the README's limitations), so
-    # this scenario, which checks loss and duplication across the failover, shortens the waits.
+    # gap waits up to 2 s) that takes a minute or more after a failover (see the README's limitations),
+    # so this scenario, which checks loss and duplication across the failover, shortens the waits.
     settings = isolated_settings(
         infra,
         nats_url=",".join(n.url for n in nodes.values()),
