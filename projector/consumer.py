@@ -55,7 +55,7 @@ GAP_RECHECK_PAUSE = 0.02
 # so its redelivery delay stays short (the growing back-off is for failures); being dead-lettered only
 # when the stream lacks its predecessor, a GAP does not give up sooner because of it.
 GAP_MAX_DELAY = 2.0
-PREDECESSOR_LOOKUPS = 100  # stream lookups for a GAP's predecessor before it may be dead-lettered
+PREDECESSOR_LOOKUPS = 100  # stream lookups for an event between a GAP and its aggregate's applied version
 
 APPLIED = Counter("orders_projector_events_applied", "Events applied to the read model")
 DUPLICATES = Counter(
@@ -284,17 +284,19 @@ class Projector:
         return letters
 
     async def _predecessor_in_stream(self, msg: Msg, item: Item) -> bool:
-        """Whether the stream holds this GAP's predecessor (the aggregate's previous version) after the
-        aggregate's latest applied event: then it is on its way, and the GAP keeps waiting however many
-        deliveries that takes. (After a stream leader or consumer failover, events delivered to a session
-        that died come back only after ack_wait, and a chain of successors waits behind them.)
+        """Whether the stream holds, after the aggregate's latest applied event, an event of the aggregate
+        between the applied version and this GAP's: then the versions in between are on their way (after a
+        stream leader or consumer failover, events delivered to a session that died come back only after
+        ack_wait, and a chain of successors waits behind them), and the GAP keeps waiting however many
+        deliveries that takes. Usually the first event looked at answers it.
 
-        Only a predecessor that the stream does not hold (never published, or removed by the stream's
-        limits) makes a GAP a dead letter. When the stream cannot be asked, keep waiting.
+        Only an event whose missing predecessor the stream does not hold (never published, or removed by
+        the stream's limits) becomes a dead letter; the events behind it are then parked. When the stream
+        cannot be asked, keep waiting.
         """
         if self.nc is None:
             return True
-        wanted, cursor = item.event.aggregate_version - 1, item.applied_seq + 1
+        cursor, version = item.applied_seq + 1, item.event.aggregate_version
         jsm = self.nc.jsm()
         try:
             for _ in range(PREDECESSOR_LOOKUPS):
@@ -302,16 +304,18 @@ class Projector:
                 if found.seq is None:
                     return False
                 with contextlib.suppress(UndecodableEvent):
-                    if found.seq != item.seq and parse_event(found.data or b"").aggregate_version == wanted:
+                    between = parse_event(found.data or b"").aggregate_version
+                    if found.seq != item.seq and item.applied_version < between < version:
                         log.info(
-                            "%s/%s v%d: its predecessor is in the stream (sequence %d) after %d deliveries; waiting",
+                            "%s/%s v%d: v%d is in the stream (sequence %d) after %d deliveries; waiting",
                             *item.aggregate,
-                            item.event.aggregate_version,
+                            version,
+                            between,
                             found.seq,
                             msg.metadata.num_delivered or 1,
                         )
                         return True
-                cursor = found.seq + 1
+                cursor = found.seq + 1  # this GAP itself, a copy of an applied event, or undecodable
         except nats.js.errors.NotFoundError:  # no further event of this aggregate in the stream
             return False
         except Exception as exc:

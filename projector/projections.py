@@ -48,7 +48,9 @@ class Item:
     seq: int
     event: events_pb2.EventEnvelope
     outcome: Outcome | None = None
-    applied_seq: int = 0  # a GAP's aggregate: stream sequence of its latest applied event (0: none yet)
+    # For a GAP: the aggregate's latest applied version and the stream sequence of its event (0: none yet).
+    applied_version: int = 0
+    applied_seq: int = 0
 
     @property
     def aggregate(self) -> tuple[str, str]:
@@ -278,7 +280,7 @@ def _fold_aggregate(proj: _Projection, current: Row | None, items: list[Item], t
             item.outcome = Outcome.APPLIED
         else:
             item.outcome = Outcome.GAP
-            item.applied_seq = 0 if row is None else row["stream_seq"]
+            item.applied_version, item.applied_seq = version, 0 if row is None else row["stream_seq"]
     return row
 
 
