@@ -302,15 +302,20 @@ async def sample_while(
             for proc in system.processes:
                 memory[proc.name] = max(memory.get(proc.name, 0.0), rss_mb(proc.pid))
             await asyncio.sleep(0.5)
-        while True:  # the tail after the load stopped
-            behind = (await lag.measure(nc, system.settings)).events
-            lags.append((time.monotonic() - started, behind))
-            if behind == 0:
-                break
-            await asyncio.sleep(0.5)
+        await lag_until_caught_up(nc, system.settings, started, lags)  # the tail after the load stopped
     finally:
         await jetstream.close(nc)
     return lags, memory
+
+
+async def lag_until_caught_up(nc: Any, settings: Settings, started: float, lags: list[tuple[float, int]]) -> None:
+    """Append (seconds since started, events behind) every 0.5 s until the projector has caught up."""
+    while True:
+        behind = (await lag.measure(nc, settings)).events
+        lags.append((time.monotonic() - started, behind))
+        if behind == 0:
+            return
+        await asyncio.sleep(0.5)
 
 
 # --- 3. projector backlog, next to raw JetStream ---------------------------------------------------
@@ -361,12 +366,7 @@ def drain(system: LocalSystem, backlog: int, run: int) -> dict[str, Any]:
     async def wait() -> None:
         nc = await jetstream.connect(system.settings, "bench-drain", retry_forever=False)
         try:
-            while True:
-                behind = (await lag.measure(nc, system.settings)).events
-                nc_lags.append((time.monotonic() - started, behind))
-                if behind == 0:
-                    return
-                await asyncio.sleep(0.5)
+            await lag_until_caught_up(nc, system.settings, started, nc_lags)
         finally:
             await jetstream.close(nc)
 

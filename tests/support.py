@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -352,3 +356,16 @@ def product_event(sku: str, version: int, stock: int) -> OutgoingEvent:
         return build_event(meta, PRODUCT, sku, version, product_upserted=upserted)
     adjusted = events_pb2.InventoryAdjusted(delta=1, stock=stock)
     return build_event(meta, PRODUCT, sku, version, inventory_adjusted=adjusted)
+
+
+def verify_cli(settings: Settings) -> tuple[int, dict[str, Any]]:
+    """`orders verify --stream --json` as the real CLI, with the scenario's settings in its environment."""
+    done = subprocess.run(
+        [sys.executable, "-m", "orders.cli", "verify", "--stream", "--json"],
+        env={**os.environ, **settings.to_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)

@@ -15,11 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
-import os
 import random
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -38,7 +34,7 @@ from orders import jetstream, local_stack
 from orders.config import Settings
 from orders.db import libpq_url
 from orders.v1 import commands_pb2, commands_pb2_grpc
-from tests.support import add_product, eventually, migrate, start_serving
+from tests.support import add_product, eventually, migrate, start_serving, verify_cli
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 CALL_DEADLINE = 10.0  # seconds, every command call
@@ -310,19 +306,6 @@ def loaded_system(
 
 
 # ---- checks -------------------------------------------------------------------------------------
-
-
-def verify_cli(settings: Settings) -> tuple[int, dict[str, Any]]:
-    """`orders verify --stream --json` as the real CLI, with the scenario's settings in its environment."""
-    done = subprocess.run(
-        [sys.executable, "-m", "orders.cli", "verify", "--stream", "--json"],
-        env={**os.environ, **settings.to_env()},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.stdout, done.stderr
-    return done.returncode, json.loads(done.stdout)
 
 
 def wait_verified(settings: Settings, timeout: float = 120) -> dict[str, Any]:

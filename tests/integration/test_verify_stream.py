@@ -9,8 +9,7 @@ import pytest
 
 from orders import jetstream, local_stack
 from orders.config import Settings
-from tests.fault.harness import verify_cli
-from tests.support import Infra, isolated_settings, migrate, publish_events, synthetic_history
+from tests.support import Infra, isolated_settings, migrate, publish_events, synthetic_history, verify_cli
 
 pytestmark = pytest.mark.e2e
 
