@@ -168,6 +168,17 @@ class Settings:
     watch_queue_size: int = _setting(
         1000, _parse_positive_int, "Changes buffered per watch stream before a slow watcher is cut off."
     )
+    watch_write_timeout: float = _setting(
+        10.0,
+        _parse_positive_float,
+        "Seconds one watch message may wait on a client that does not read before its stream is cut off.",
+    )
+    keepalive_time: float = _setting(
+        30.0, _parse_positive_float, "Seconds between the HTTP/2 keepalive pings each gRPC server sends a client."
+    )
+    keepalive_timeout: float = _setting(
+        10.0, _parse_positive_float, "Seconds a client has to answer a keepalive ping before it is disconnected."
+    )
     db_pool_size: int = _setting(10, _parse_positive_int, "Database connections per process.")
     tls_cert_file: str = _setting("", str, "PEM certificate chain of the gRPC servers; set with the key to serve TLS.")
     tls_key_file: str = _setting("", str, "PEM private key of the gRPC servers.")

@@ -28,6 +28,9 @@ TRACEPARENT_HEADER = "traceparent"
 MAX_REQUEST_BYTES = 1024 * 1024  # the largest valid request (an order of 100 lines) is far smaller
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 MAX_STREAMS_PER_CONNECTION = 256
+# Clients may send keepalive pings of their own this often at most (gRPC's server default is 5 minutes,
+# stricter than most client keepalive settings: a client pinging faster is sent GOAWAY too_many_pings).
+CLIENT_PING_MIN_INTERVAL_MS = 10_000
 # Server-side deadline of unary calls, from ORDERS_MAX_CALL_SECONDS (set by create_server, one server per process).
 max_call_seconds = 30.0
 
@@ -195,6 +198,25 @@ def rpc(method: F | None = None, *, access_log: int = logging.DEBUG, streams: bo
     return unary_wrapper
 
 
+def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """HTTP/2 keepalive of a server: ping every client connection every keepalive_time seconds (also while
+    a stream is open but idle, such as a quiet watch), and drop a connection whose client does not answer
+    within keepalive_timeout; accept clients' own pings every CLIENT_PING_MIN_INTERVAL_MS or slower.
+
+    gRPC core waits for a ping's ack for grpc.http2.ping_timeout_ms (an argument of its own, one minute
+    by default) rather than keepalive_timeout_ms, so both are set; a test freezes a client to check it.
+    """
+    timeout_ms = int(settings.keepalive_timeout * 1000)
+    return [
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_MIN_INTERVAL_MS),
+    ]
+
+
 def create_server(
     address: str, service: ServiceDescriptor, servicer: Any, settings: Settings
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
@@ -212,6 +234,7 @@ def create_server(
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             ("grpc.so_reuseport", 0),
+            *keepalive_options(settings),
         ],
     )
     add_servicer(server, service, servicer)

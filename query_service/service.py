@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from orders import consistency
+from orders.config import Settings
 from orders.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -36,27 +37,20 @@ def _order_id(value: str, field: str) -> str:
         raise InvalidArgument([FieldViolation(field, "must be an order id (UUID)")]) from None
 
 
-def _too_slow() -> ResourceExhausted:
+def _cut_off(reason: str) -> ResourceExhausted:
     return ResourceExhausted(
-        "watch stream cut off: the client did not read changes fast enough; reconnect with after_sequence "
-        "set to the last stream_sequence received"
+        f"watch stream cut off: {reason}; reconnect with after_sequence set to the last stream_sequence received"
     )
 
 
 class QueryService(queries_pb2_grpc.QueryServiceServicer):
-    def __init__(
-        self,
-        read_model: ReadModel,
-        feed: ChangeFeed,
-        read_wait_max: float,
-        watch_queue_size: int,
-        max_watches_per_connection: int,
-    ) -> None:
+    def __init__(self, read_model: ReadModel, feed: ChangeFeed, settings: Settings) -> None:
         self._read_model = read_model
         self._feed = feed
-        self._read_wait_max = read_wait_max
-        self._watch_queue_size = watch_queue_size
-        self._max_watches = max_watches_per_connection
+        self._read_wait_max = settings.read_wait_max
+        self._watch_queue_size = settings.watch_queue_size
+        self._watch_write_timeout = settings.watch_write_timeout
+        self._max_watches = settings.max_watches_per_connection
         self._watches_by_peer: Counter[str] = Counter()  # open watches per client connection (peer address)
 
     async def _catch_up(self, token: str, context: grpc.aio.ServicerContext) -> None:
@@ -130,10 +124,14 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
         committed in between is queued, and the per-order version filter drops whatever was already
         sent: each change goes out once, in version order, with the stream sequence it reflects.
 
-        Memory per watch is bounded: at most ORDERS_WATCH_QUEUE_SIZE queued changes plus the one message
-        gRPC holds while the client's flow-control window is full. When the queue overflows the stream
-        ends with RESOURCE_EXHAUSTED at once, even while a write is blocked on a client that stopped
-        reading (the client sees the status after the messages already in flight).
+        A stalled client costs the server a bounded amount, for a bounded time. Once the client's HTTP/2
+        flow-control window is full, a write blocks; the stream then ends with RESOURCE_EXHAUSTED as soon
+        as either (a) its queue overflows (more than ORDERS_WATCH_QUEUE_SIZE changes arrive meanwhile), or
+        (b) the blocked write has waited ORDERS_WATCH_WRITE_TIMEOUT seconds, even if no further change
+        ever arrives. The client sees the status after the messages already in flight, and resumes with
+        after_sequence. A watcher that is idle (nothing to send) is never cut off: it has no pending
+        write, and the server's HTTP/2 keepalive pings (ORDERS_KEEPALIVE_TIME) end only the streams of
+        clients that no longer answer them.
         """
         order_ids = self._watch_selection(request)
         peer = context.peer()
@@ -166,10 +164,14 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
             write = asyncio.ensure_future(
                 context.write(queries_pb2.WatchOrderSummariesResponse(summary=summary, snapshot=snapshot))
             )
-            await asyncio.wait((write, cut_off), return_when=asyncio.FIRST_COMPLETED)
-            if not write.done():
-                raise _too_slow()
-            write.result()
+            await asyncio.wait((write, cut_off), timeout=self._watch_write_timeout, return_when=asyncio.FIRST_COMPLETED)
+            if write.done():
+                write.result()
+                return
+            write.add_done_callback(_retrieve)  # it fails once the call is aborted; nobody awaits it then
+            if cut_off.done():
+                raise self._overflowed()
+            raise _cut_off(f"a message waited {self._watch_write_timeout:g}s for a client that did not read")
 
         try:
             applied, kept_from = await self._read_model.positions()
@@ -195,7 +197,7 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
             while True:
                 item = await watch.queue.get()
                 if item == OVERFLOW:
-                    raise _too_slow()
+                    raise self._overflowed()
                 if isinstance(item, str):  # RESYNC: notifications may have been missed
                     updates = await self._read_model.changes_since(order_ids, request.customer_id, floor)
                 else:
@@ -206,6 +208,9 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
             cut_off.cancel()
             self._feed.unsubscribe(watch)
 
+    def _overflowed(self) -> ResourceExhausted:
+        return _cut_off(f"more than {self._watch_queue_size} changes waited for a client that did not read")
+
     @staticmethod
     def _watch_selection(request: queries_pb2.WatchOrderSummariesRequest) -> list[str]:
         if bool(request.order_ids) == bool(request.customer_id):
@@ -214,3 +219,9 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
             raise InvalidArgument([FieldViolation("order_ids", f"at most {MAX_WATCHED_ORDERS} orders per watch")])
         views.check_text(request.customer_id, "customer_id", 128)
         return sorted({_order_id(v, f"order_ids[{i}]") for i, v in enumerate(request.order_ids)})
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Consume an abandoned write's outcome, so that asyncio does not report it as never retrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -8,6 +8,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -109,6 +110,14 @@ def eventually(probe: Callable[[], T | None], timeout: float = 5.0, what: str = 
 
     local_stack.wait_until(check, timeout, what, interval=0.05)
     return result[0]
+
+
+def stays(probe: Callable[[], bool], duration: float, what: str = "condition") -> None:
+    """Check probe holds every 0.1 s for duration seconds; fail as soon as it does not."""
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        assert probe(), f"{what} no longer holds"
+        time.sleep(0.1)
 
 
 def bad_fields(err: grpc.RpcError) -> set[str]:

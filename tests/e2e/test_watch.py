@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import queue
+import signal
+import subprocess
+import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,8 +15,20 @@ import grpc
 import pytest
 
 from orders import local_stack
+from orders.config import Settings
+from orders.local_stack import ManagedProcess
 from orders.v1 import commands_pb2, queries_pb2, queries_pb2_grpc
-from tests.support import Stack, add_product, eventually, new_id, new_sku, place, scrape_metrics, start_serving
+from tests.support import (
+    Stack,
+    add_product,
+    eventually,
+    new_id,
+    new_sku,
+    place,
+    scrape_metrics,
+    start_serving,
+    stays,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -119,57 +135,159 @@ def test_resume_from_a_sequence_delivers_exactly_what_was_missed(stack: Stack) -
     assert both.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_a_watcher_that_stops_reading_is_cut_off_and_can_resume(stack: Stack, tmp_path: Path) -> None:
-    """The server holds at most a few changes for a stalled watcher, then ends its stream.
+SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16 * 1024)]
 
-    A second query service with a 4-change queue serves two watchers of the same customer: one reads
-    everything, the other stops after the snapshot (its client grants only a 16 KB window, so gRPC's
-    flow control blocks the server's writes soon). The stalled stream is closed on the server while
-    its client still is not reading; the client then finds the messages already in flight, followed
-    by RESOURCE_EXHAUSTED, and resumes from the last sequence it saw without a gap.
+
+def own_query_service(stack: Stack, tmp_path: Path, **overrides: object) -> tuple[Settings, ManagedProcess]:
+    """A query service of the test's own (on the session's databases), with settings changed."""
+    settings = replace(stack.settings, **local_stack.free_addresses(), **overrides)  # type: ignore[arg-type]
+    return settings, start_serving("query_service", settings, tmp_path)
+
+
+def watch_count(settings: Settings) -> float:
+    return scrape_metrics(settings.query_metrics_addr)["orders_query_watch_streams"]
+
+
+def bulky_products(stack: Stack, count: int = 10) -> list[str]:
+    """Products with long names: an order of one of each makes a change of about 2.4 KB on a watch."""
+    skus = [new_sku("W") for _ in range(count)]
+    for sku in skus:
+        add_product(stack.commands, sku, stock=1000, name="Watched " + "x" * 190)
+    return skus
+
+
+def drain_until_cut_off(stalled: Iterator[queries_pb2.WatchOrderSummariesResponse]) -> tuple[list[str], int, str]:
+    """Read what a cut-off stream still holds: (order ids, last stream sequence, the status details)."""
+    delivered: list[str] = []
+    last_seen = 0
+    with pytest.raises(grpc.RpcError) as cut:
+        for message in stalled:
+            delivered.append(message.summary.order_id)
+            last_seen = message.summary.stream_sequence
+    assert cut.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, cut.value
+    return delivered, last_seen, cut.value.details() or ""
+
+
+def test_a_stalled_watcher_is_cut_off_in_time_although_nothing_else_changes(stack: Stack, tmp_path: Path) -> None:
+    """A client that stops reading holds a blocked write; after ORDERS_WATCH_WRITE_TIMEOUT its stream ends.
+
+    Two watchers of one customer on a query service of its own: one reads everything, the other stops
+    after the snapshot (its client grants a 16 KB window, so the server's writes block once about 16 KB
+    are in flight). After 40 orders (about 95 KB of changes) nothing changes any more, and the queue
+    (1,000 changes) is far from full: only the time bound can end the stalled stream, and it does, while
+    its client still is not reading. The client then finds the messages already in flight, followed by
+    RESOURCE_EXHAUSTED, and resumes from the last sequence it saw without a gap. The reader is unaffected.
     """
-    settings = replace(stack.settings, **local_stack.free_addresses(), watch_queue_size=4)
-    server = start_serving("query_service", settings, tmp_path)
-    small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16 * 1024)]
-    skus = [watched_product(stack) for _ in range(10)]
-    customer = f"ws-{new_id()}"
+    settings, server = own_query_service(stack, tmp_path, watch_write_timeout=2.0)
+    skus, customer = bulky_products(stack), f"ws-{new_id()}"
     first = place(stack.commands, customer, *((sku, 1) for sku in skus))
     request = queries_pb2.WatchOrderSummariesRequest(
         customer_id=customer, include_snapshot=True, consistency_token=first.consistency_token
     )
     with (
         grpc.insecure_channel(settings.query_addr) as good,
-        grpc.insecure_channel(settings.query_addr, options=small_window) as slow,
+        grpc.insecure_channel(settings.query_addr, options=SMALL_WINDOW) as slow,
     ):
         reader = Watcher(queries_pb2_grpc.QueryServiceStub(good), request)
         stalled = iter(queries_pb2_grpc.QueryServiceStub(slow).WatchOrderSummaries(request, timeout=120))
         try:
             assert next(stalled).summary.order_id == first.order_id
             assert reader.next().summary.order_id == first.order_id
-            eventually(lambda: scrape_metrics(settings.query_metrics_addr)["orders_query_watch_streams"] == 2)
-            orders = [first.order_id]
-            for _ in range(300):
-                orders.append(place(stack.commands, customer, *((sku, 1) for sku in skus)).order_id)
-                if scrape_metrics(settings.query_metrics_addr)["orders_query_watch_streams"] == 1:
-                    break
-            assert len(orders) < 300, "the stalled watcher was never cut off"
-            assert [reader.next().summary.order_id for _ in orders[1:]] == orders[1:]  # the reader is unaffected
+            eventually(lambda: watch_count(settings) == 2, 10, "both watches open")
+            orders = [first.order_id] + [
+                place(stack.commands, customer, *((sku, 1) for sku in skus)).order_id for _ in range(40)
+            ]
+            assert [reader.next().summary.order_id for _ in orders[1:]] == orders[1:]  # all sent by now
+            eventually(lambda: watch_count(settings) == 1, 30, "the stalled watch cut off, with no further change")
 
-            delivered = [first.order_id]
-            with pytest.raises(grpc.RpcError) as cut:
-                for message in stalled:
-                    delivered.append(message.summary.order_id)
-                    last_seen = message.summary.stream_sequence
-            assert cut.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "after_sequence" in (cut.value.details() or "")
-            assert 1 < len(delivered) < len(orders) and delivered == orders[: len(delivered)]
-
+            delivered, last_seen, details = drain_until_cut_off(stalled)  # after the snapshot
+            assert "after_sequence" in details and "a message waited 2s" in details, details
+            assert 0 < len(delivered) < len(orders) - 1 and delivered == orders[1 : 1 + len(delivered)]
             resumed = Watcher(
                 queries_pb2_grpc.QueryServiceStub(good),
                 queries_pb2.WatchOrderSummariesRequest(customer_id=customer, after_sequence=last_seen),
             )
-            assert [resumed.next().summary.order_id for _ in orders[len(delivered) :]] == orders[len(delivered) :]
+            missed = orders[1 + len(delivered) :]
+            assert [resumed.next().summary.order_id for _ in missed] == missed
             resumed.close()
+            assert watch_count(settings) == 1  # the reader's stream is still open
         finally:
             reader.close()
+            server.stop()
+
+
+def test_a_stalled_watcher_is_cut_off_at_once_when_its_queue_overflows(stack: Stack, tmp_path: Path) -> None:
+    """With a 4-change queue and a long write bound, changes arriving for a stalled client end its stream."""
+    settings, server = own_query_service(stack, tmp_path, watch_queue_size=4, watch_write_timeout=300.0)
+    skus, customer = bulky_products(stack), f"wq-{new_id()}"
+    first = place(stack.commands, customer, *((sku, 1) for sku in skus))
+    request = queries_pb2.WatchOrderSummariesRequest(
+        customer_id=customer, include_snapshot=True, consistency_token=first.consistency_token
+    )
+    with grpc.insecure_channel(settings.query_addr, options=SMALL_WINDOW) as slow:
+        stalled = iter(queries_pb2_grpc.QueryServiceStub(slow).WatchOrderSummaries(request, timeout=120))
+        try:
+            assert next(stalled).summary.order_id == first.order_id
+            orders = [first.order_id]
+            while watch_count(settings) == 1 and len(orders) < 300:
+                orders.append(place(stack.commands, customer, *((sku, 1) for sku in skus)).order_id)
+            assert len(orders) < 300, "the stalled watcher was never cut off"
+            delivered, _, details = drain_until_cut_off(stalled)
+            assert "more than 4 changes" in details and "after_sequence" in details, details
+            assert delivered == orders[1 : 1 + len(delivered)]
+        finally:
+            server.stop()
+
+
+FROZEN_CLIENT = """
+import sys, grpc
+from orders.v1 import queries_pb2, queries_pb2_grpc
+channel = grpc.insecure_channel(sys.argv[1])
+stream = queries_pb2_grpc.QueryServiceStub(channel).WatchOrderSummaries(
+    queries_pb2.WatchOrderSummariesRequest(customer_id=sys.argv[2], include_snapshot=True), timeout=120)
+for message in stream:
+    print(message.summary.order_id, flush=True)
+"""
+
+
+def test_an_idle_watcher_stays_open_and_a_frozen_client_is_disconnected(stack: Stack, tmp_path: Path) -> None:
+    """Keepalive pings tell a quiet but healthy watcher from a client that no longer answers.
+
+    With a 1 s write bound and keepalive pings every second, a watcher with nothing to receive stays
+    open for many seconds and still gets the next change; a client process that is frozen (SIGSTOP)
+    answers no ping, and the server drops its connection, and so its watch, within the keepalive timeout.
+    """
+    settings, server = own_query_service(
+        stack, tmp_path, watch_write_timeout=1.0, keepalive_time=1.0, keepalive_timeout=2.0
+    )
+    sku = watched_product(stack)
+    idle_customer, frozen_customer = f"wi-{new_id()}", f"wf-{new_id()}"
+    first = place(stack.commands, idle_customer, (sku, 1))
+    frozen_first = place(stack.commands, frozen_customer, (sku, 1))
+    frozen = subprocess.Popen(
+        [sys.executable, "-c", FROZEN_CLIENT, settings.query_addr, frozen_customer],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    with grpc.insecure_channel(settings.query_addr) as channel:
+        idle = Watcher(
+            queries_pb2_grpc.QueryServiceStub(channel),
+            queries_pb2.WatchOrderSummariesRequest(
+                customer_id=idle_customer, include_snapshot=True, consistency_token=first.consistency_token
+            ),
+        )
+        try:
+            assert idle.next().summary.order_id == first.order_id
+            assert frozen.stdout is not None and frozen.stdout.readline().strip() == frozen_first.order_id
+            eventually(lambda: watch_count(settings) == 2, 10, "both watches open")
+            frozen.send_signal(signal.SIGSTOP)
+            eventually(lambda: watch_count(settings) == 1, 20, "the frozen client's watch closed by keepalive")
+            stays(lambda: watch_count(settings) == 1, 4.0, "the idle watch open")
+            later = place(stack.commands, idle_customer, (sku, 1))
+            assert idle.next().summary.order_id == later.order_id
+        finally:
+            idle.close()
+            frozen.send_signal(signal.SIGCONT)
+            local_stack.stop_process(frozen)
             server.stop()
