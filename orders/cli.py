@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -661,7 +662,17 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(args.func(args, settings))
+    try:
+        code = args.func(args, settings)
+    except BrokenPipeError:
+        # Whoever read the output went away (`orders list-products | head`): stop quietly, as Unix tools do,
+        # with the status of a process ended by SIGPIPE. stdout now points at /dev/null, so that the
+        # interpreter's final flush of what is still buffered cannot fail a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from orders import correlation, metrics, security, tracing
+from orders import correlation, metrics, reflection, security, tracing
 from orders.config import Settings
 from orders.db import is_unavailable
 from orders.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
@@ -198,6 +197,27 @@ def rpc(method: F | None = None, *, access_log: int = logging.DEBUG, streams: bo
     return unary_wrapper
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpcio-health-checking's servicer (Check, Watch), plus List: every status set on it, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._listed: dict[str, health_pb2.HealthCheckResponse.ServingStatus.ValueType] = {
+            "": health_pb2.HealthCheckResponse.SERVING
+        }
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        await super().set(service, status)
+        self._listed[service] = status
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={name: health_pb2.HealthCheckResponse(status=status) for name, status in self._listed.items()}
+        )
+
+
 def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
     """HTTP/2 keepalive of a server: ping every client connection every keepalive_time seconds (also while
     a stream is open but idle, such as a quiet watch), and drop a connection whose client does not answer
@@ -219,7 +239,7 @@ def keepalive_options(settings: Settings) -> list[tuple[str, int]]:
 
 def create_server(
     address: str, service: ServiceDescriptor, servicer: Any, settings: Settings
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+) -> tuple[grpc.aio.Server, int, HealthServicer]:
     """A grpc.aio server on address serving servicer, plus health and reflection; returns the bound port.
 
     TLS, mTLS and bearer-token checks as settings configure them. Bind to port 0 to get a free port.
@@ -238,9 +258,9 @@ def create_server(
         ],
     )
     add_servicer(server, service, servicer)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    reflection.enable(server, [service.full_name, health.SERVICE_NAME])
     credentials = security.server_credentials(settings)
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
@@ -252,7 +272,7 @@ def create_server(
 
 
 async def set_serving(
-    health_servicer: health.aio.HealthServicer, names: Iterable[str], serving: bool, *, overall: bool = True
+    health_servicer: HealthServicer, names: Iterable[str], serving: bool, *, overall: bool = True
 ) -> None:
     """Mark each named service (and, with overall, the server as a whole: '') SERVING or NOT_SERVING."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING

@@ -70,6 +70,16 @@ def _ids(values: Any) -> list[int]:
     return ids
 
 
+async def _existing(conn: Any, values: Any) -> list[int]:
+    """The requested dead letter ids, locked for this transaction; NOT_FOUND (nothing done) if any is unknown."""
+    ids = _ids(values)
+    missing = await dead_letters.lock_existing(conn, ids)
+    if missing:
+        shown = ", ".join(str(i) for i in missing[:20]) + (" …" if len(missing) > 20 else "")
+        raise NotFound(f"no dead letter with id {shown} (see ListDeadLetters); nothing was changed")
+    return ids
+
+
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, settings: Settings, engine: AsyncEngine, projector: Projector) -> None:
         self._settings = settings
@@ -125,7 +135,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ReplayDeadLettersRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ReplayDeadLettersResponse:
         async with driver_transaction(self._engine) as conn:
-            result = await dead_letters.replay(conn, _ids(request.ids))
+            result = await dead_letters.replay(conn, await _existing(conn, request.ids))
             await signal_changes(conn, result.changes)
         return admin_pb2.ReplayDeadLettersResponse(applied=result.applied, still_open=result.still_open)
 
@@ -134,7 +144,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.DiscardDeadLettersRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DiscardDeadLettersResponse:
         async with driver_transaction(self._engine) as conn:
-            count = await dead_letters.discard(conn, _ids(request.ids))
+            count = await dead_letters.discard(conn, await _existing(conn, request.ids))
         return admin_pb2.DiscardDeadLettersResponse(discarded=count)
 
     @rpc

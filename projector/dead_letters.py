@@ -119,6 +119,13 @@ async def get_letter(conn: AsyncConnection[Any], letter_id: int) -> tuple[Any, .
     return await cur.fetchone()
 
 
+async def lock_existing(conn: AsyncConnection[Any], ids: list[int]) -> list[int]:
+    """Lock the given dead letters until the transaction ends; return the ids that do not exist."""
+    cur = await conn.execute("SELECT id FROM dead_letters WHERE id = ANY(%s) FOR UPDATE", (ids,))
+    found = {row[0] for row in await cur.fetchall()}
+    return sorted(set(ids) - found)
+
+
 async def discard(conn: AsyncConnection[Any], ids: list[int]) -> int:
     cur = await conn.execute("DELETE FROM dead_letters WHERE id = ANY(%s)", (ids,))
     return cur.rowcount

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orders import local_stack
-from tests.support import Stack
+from tests.support import Stack, add_product, new_id, new_sku, place
 
 pytestmark = pytest.mark.e2e
 
@@ -130,3 +130,38 @@ def test_cli_seeds_demo_data_with_progress_and_prints_tables(stack: Stack) -> No
         subprocess.run(
             [sys.executable, "-m", "orders.cli", "seed", "--orders", "0"], env=env, check=True, capture_output=True
         )
+
+
+def test_the_cli_stops_quietly_when_the_reader_of_its_output_goes_away(stack: Stack) -> None:
+    """`orders list-products --in-stock | head -8`, with head gone before the first line is written."""
+    sku, customer = new_sku("P"), f"pipe-{new_id()}"
+    add_product(stack.commands, sku, stock=3)
+    place(stack.commands, customer, (sku, 1))
+    env = {**os.environ, **stack.settings.to_env()}
+    for command in (["list-products", "--in-stock"], ["watch", "--customer", customer, "--snapshot"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "orders.cli", *command],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                env=env,
+                timeout=30,
+            )
+        finally:
+            os.close(write_end)
+        assert (done.returncode, done.stderr.decode()) == (128 + signal.SIGPIPE, ""), command
+
+
+def test_unknown_dead_letters_are_not_found_for_every_cli_action(stack: Stack) -> None:
+    env = {**os.environ, **stack.settings.to_env()}
+    for action in ("show", "replay", "discard"):
+        done = subprocess.run(
+            [sys.executable, "-m", "orders.cli", "dead-letters", action, "987654321"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 1 and "NOT_FOUND" in done.stderr and "987654321" in done.stderr, (action, done)

@@ -19,25 +19,38 @@ from tests.support import Stack, add_product, eventually, new_id, new_sku, place
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize(
-    ("address_of", "service"),
-    [
-        (lambda s: s.settings.command_addr, "orders.v1.CommandService"),
-        (lambda s: s.settings.query_addr, "orders.v1.QueryService"),
-    ],
-)
-def test_health_and_reflection(stack: Stack, address_of, service: str) -> None:  # type: ignore[no-untyped-def]
+SERVERS = [
+    (lambda s: s.settings.command_addr, "orders.v1.CommandService", "relay"),
+    (lambda s: s.settings.query_addr, "orders.v1.QueryService", "projection"),
+    (lambda s: s.settings.admin_addr, "orders.v1.AdminService", None),
+]
+
+
+@pytest.mark.parametrize(("address_of", "service", "extra_status"), SERVERS)
+def test_health_and_reflection(stack: Stack, address_of, service: str, extra_status: str | None) -> None:  # type: ignore[no-untyped-def]
     with grpc.insecure_channel(address_of(stack)) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", service):
             reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        listed = health.List(health_pb2.HealthListRequest(), timeout=5).statuses
+        assert set(listed) == {"", service} | ({extra_status} if extra_status else set())
+        assert listed[service].status == health_pb2.HealthCheckResponse.SERVING
         database = ProtoReflectionDescriptorDatabase(channel)
         assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(
             database.get_services()
         )
         pool = descriptor_pool.DescriptorPool(database)
         assert pool.FindServiceByName(service).methods  # full schema available without .proto files
+
+
+@pytest.mark.parametrize(("address_of", "service", "extra_status"), SERVERS)
+def test_reflection_v1_as_buf_curl_uses_it(stack: Stack, address_of, service: str, extra_status: str | None) -> None:  # type: ignore[no-untyped-def]
+    listed = buf("--list-services", "--reflect-protocol", "grpc-v1", f"http://{address_of(stack)}").split()
+    assert {service, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"} <= set(listed)
+    methods = buf("--list-methods", "--reflect-protocol", "grpc-v1", f"http://{address_of(stack)}").split()
+    assert "grpc.reflection.v1.ServerReflection/ServerReflectionInfo" in methods
+    assert "grpc.health.v1.Health/List" in methods
 
 
 def test_a_call_built_only_from_reflection(stack: Stack) -> None:
@@ -133,20 +146,30 @@ def test_every_process_serves_metrics_that_follow_the_traffic(stack: Stack) -> N
         assert 0 < process["process_resident_memory_bytes"] < 1e9
 
 
-def buf_curl(address: str, method: str, body: dict[str, object], *headers: str) -> dict[str, object]:
-    """Call method with buf curl, which learns the schema from the server's reflection (no proto files)."""
-    args = [str(Path(sysconfig.get_path("scripts")) / "buf"), "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
-    for header in headers:
-        args += ["-H", header]
+def buf(*args: str) -> str:
+    """`buf curl` over plain HTTP/2 with args; its output. The schema comes from the server's reflection."""
+    command = [
+        str(Path(sysconfig.get_path("scripts")) / "buf"),
+        "curl",
+        "--protocol",
+        "grpc",
+        "--http2-prior-knowledge",
+    ]
     result = subprocess.run(
-        [*args, "-d", json.dumps(body), f"http://{address}/{method}"],
+        [*command, *args],
         capture_output=True,
         text=True,
         timeout=60,
         cwd="/",  # away from protos/: nothing but reflection to go on
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout)  # type: ignore[no-any-return]
+    return result.stdout
+
+
+def buf_curl(address: str, method: str, body: dict[str, object], *headers: str) -> dict[str, object]:
+    """Call method with buf curl, which learns the schema from the server's reflection (no proto files)."""
+    options = [option for header in headers for option in ("-H", header)]
+    return json.loads(buf(*options, "-d", json.dumps(body), f"http://{address}/{method}"))  # type: ignore[no-any-return]
 
 
 def test_buf_curl_places_an_order_and_reads_it_back_through_reflection_only(stack: Stack) -> None:

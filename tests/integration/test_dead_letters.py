@@ -118,6 +118,17 @@ def test_undecodable_event_is_dead_lettered_and_parks_its_aggregate(projector: P
     shown = projector.admin.GetDeadLetter(admin_pb2.GetDeadLetterRequest(id=parked.id), timeout=5).dead_letter
     assert shown.event.product_upserted.stock == 5
 
+    unknown = max(dead.id, parked.id) + 1000
+    for call, request in (
+        (projector.admin.GetDeadLetter, admin_pb2.GetDeadLetterRequest(id=unknown)),
+        (projector.admin.ReplayDeadLetters, admin_pb2.ReplayDeadLettersRequest(ids=[parked.id, unknown])),
+        (projector.admin.DiscardDeadLetters, admin_pb2.DiscardDeadLettersRequest(ids=[dead.id, unknown])),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            call(request, timeout=5)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND and str(unknown) in (refused.value.details() or "")
+    assert projector.letters() == letters and projector.view(poisoned) is None  # nothing changed
+
     # The poison was junk: discard it, then replay what was parked behind it.
     assert (
         projector.admin.DiscardDeadLetters(admin_pb2.DiscardDeadLettersRequest(ids=[dead.id]), timeout=5).discarded == 1
