@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 PROJECTION_NAME = "order_summaries"
 NOTIFY_CHUNK_BYTES = 7000  # PostgreSQL caps a NOTIFY payload at 8000 bytes
+FETCH_TIMEOUT = 1.0  # a fetch waits this long for the first event of a batch
+FETCH_RETRY_DELAY = 0.5  # pause after a fetch that failed (not one that found nothing)
 STALL_CHECK_SECONDS = 15.0  # empty fetches for this long → check the subscription is still alive
 CONFLICT_RETRY_DELAY = 0.05
 GAP_RECHECKS = 20  # in-process re-checks of a batch's GAP events, while they make progress
@@ -168,22 +170,33 @@ class Projector:
             self.consuming = True
             idle_since = time.monotonic()
             while not stop.is_set():
-                try:
-                    msgs = await sub.fetch(self._settings.projector_batch, timeout=1.0)
-                except nats.errors.TimeoutError:
+                msgs = await self.next_batch(sub, FETCH_TIMEOUT)
+                if not msgs:
                     if time.monotonic() - idle_since > STALL_CHECK_SECONDS:
                         sub = await self._check_stalled(nc, js, sub)
                         idle_since = time.monotonic()
-                    continue
-                except Exception as exc:  # connection trouble: the client reconnects by itself
-                    log.warning("fetch failed (%s); retrying", exc)
-                    await asyncio.sleep(0.5)
                     continue
                 idle_since = time.monotonic()
                 with BATCH_SECONDS.time():
                     await self.handle_batch(msgs)
         finally:
             await jetstream.close(nc)
+
+    async def next_batch(self, sub: JetStreamContext.PullSubscription, timeout: float) -> list[Msg]:
+        """Up to projector_batch events, or [] when none arrived within timeout seconds.
+
+        nats-py reports an empty fetch as nats.errors.TimeoutError, or as a bare TimeoutError when its
+        deadline runs out between its two pull requests (the no-wait probe and the lingering one): both
+        mean "nothing yet", not a failure, and the next fetch follows at once.
+        """
+        try:
+            return await sub.fetch(self._settings.projector_batch, timeout=timeout)
+        except TimeoutError:
+            return []
+        except Exception as exc:  # connection trouble: the client reconnects by itself
+            log.warning("fetch failed (%s: %s); retrying in %.1fs", type(exc).__name__, exc, FETCH_RETRY_DELAY)
+            await asyncio.sleep(FETCH_RETRY_DELAY)
+            return []
 
     async def _setup(self, nc: NATS) -> None:
         delay = 0.2
