@@ -31,7 +31,8 @@ class ContextFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, correlation_id, traceparent, exception."""
+    """One JSON object per line: time, level, logger, message, correlation_id, traceparent, exception, and
+    correlation_ids on lines about many calls' work (the projector's applied batches)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -44,6 +45,9 @@ class JsonFormatter(logging.Formatter):
         traceparent = getattr(record, "traceparent", "")
         if traceparent:
             entry["traceparent"] = traceparent
+        correlation_ids = getattr(record, "correlation_ids", None)
+        if correlation_ids is not None:
+            entry["correlation_ids"] = correlation_ids
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, default=str)

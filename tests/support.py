@@ -63,7 +63,6 @@ def isolated_settings(infra: Infra, **overrides: Any) -> Settings:
         **local_stack.free_addresses(),
         stream=f"ORDERS_EVENTS_{suffix}",
         consumer=f"projector_{suffix}",
-        log_level="DEBUG",
         auth="off",
     )
     return Settings(**(values | overrides))
