@@ -74,10 +74,13 @@ class OutboxRelay:
         self.duplicates_total = 0
         self.is_leader = False
         self._nc: NATS | None = None
+        self._failing: str | None = None  # why the last round failed; None once a round succeeds
 
     async def probe(self) -> str | None:
-        """Health probe: None while connected to NATS."""
-        return None if self._nc is not None and self._nc.is_connected else "outbox relay not connected to NATS"
+        """Health probe: None while connected to NATS and the last round did not fail."""
+        if self._nc is None or not self._nc.is_connected:
+            return "outbox relay not connected to NATS"
+        return self._failing
 
     def wake(self) -> None:
         self._wake.set()
@@ -104,9 +107,12 @@ class OutboxRelay:
                     outcome = await self._round(js)
                     await self._housekeeping()
                 except (psycopg.Error, OSError) as exc:
-                    log.warning("outbox relay: database error (%s); retrying", exc)
+                    log.warning("outbox relay: database error (%s: %s); retrying", type(exc).__name__, exc)
                     await self._drop_connection()
+                    self._failing = f"outbox relay: database error ({type(exc).__name__}: {exc})"[:200]
                     outcome = RoundOutcome.FAILED
+                else:
+                    self._failing = "outbox relay: publishes failing" if outcome is RoundOutcome.FAILED else None
                 if outcome is RoundOutcome.MORE:
                     failures = 0
                     continue

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from orders.config import ConfigError, Settings, describe
+from orders.config import ConfigError, Settings, describe, load, masked, variable
 
 # ---- services and local stack -------------------------------------------------------------------
 
@@ -34,7 +35,14 @@ def _run_module(module: str) -> Callable[[argparse.Namespace, Settings], int]:
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from orders import migrations
 
-    asyncio.run(migrations.migrate(settings))
+    problem = _unreachable_database(args, settings, server_only=True)
+    if problem:
+        return _refuse(problem)
+    try:
+        asyncio.run(migrations.migrate(settings))
+    except migrations.Unusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print("schemas of the write and read databases are up to date")
     return 0
 
@@ -42,6 +50,9 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_create_roles(args: argparse.Namespace, settings: Settings) -> int:
     from orders import roles
 
+    problem = _unreachable_database(args, settings)
+    if problem:
+        return _refuse(problem)
     asyncio.run(roles.apply(settings))
     print(f"roles {roles.COMMAND}, {roles.PROJECTOR} and {roles.QUERY} are in place with their grants")
     return 0
@@ -49,9 +60,17 @@ def cmd_create_roles(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Start PostgreSQL, NATS and the three services; stop everything on Ctrl-C or SIGTERM."""
-    from orders import local_stack, migrations
+    from orders import endpoints, local_stack, migrations
 
-    data_dir = Path(args.data_dir)
+    data_dir = Path(args.data_dir or settings.data_dir)
+    already = endpoints.running(data_dir)
+    if already is not None:
+        print(
+            f"orders up already runs in {data_dir.resolve()} ({already.describe()}): use it, stop it (Ctrl-C in its "
+            "terminal, or kill that pid), or give another --data-dir",
+            file=sys.stderr,
+        )
+        return 1
     started: list[local_stack.ManagedProcess] = []
     infra: list[Any] = []
     stopping = False
@@ -97,7 +116,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print(f"AdminService    {settings.admin_addr}")
         metrics = (settings.command_metrics_addr, settings.query_metrics_addr, settings.projector_metrics_addr)
         print("metrics         " + "  ".join(f"http://{a}/metrics" for a in metrics))
-        print(f"logs in {(data_dir / 'logs').resolve()}; Ctrl-C stops everything", flush=True)
+        written = endpoints.write(data_dir, settings)
+        print(f"logs in {(data_dir / 'logs').resolve()}; endpoints in {written.resolve()}", flush=True)
+        print("Ctrl-C stops everything", flush=True)
         while not stopping:
             dead = [p for p in started if not p.alive()]
             if dead:
@@ -112,6 +133,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        endpoints.remove(data_dir)
         print("stopping …", flush=True)
         for proc in reversed(started):
             proc.stop()
@@ -150,8 +172,13 @@ def cmd_health(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_settings(args: argparse.Namespace, settings: Settings) -> int:
-    for name, default, doc in describe():
-        print(f"{name:34} {default:50} {doc}")
+    if args.defaults:
+        for name, default, doc in describe():
+            print(f"{name:34} {default:50} {doc}")
+        return 0
+    for f in dataclasses.fields(Settings):
+        value = masked(f.name, getattr(settings, f.name)) or "(empty)"
+        print(f"{variable(f.name):34} {value:50} {args.sources[f.name]}".rstrip())
     return 0
 
 
@@ -514,13 +541,70 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     return _call(args, settings, "admin", "RebuildReadModel", admin_pb2.RebuildReadModelRequest())
 
 
+EXIT_DIFFERENCES = 1
+EXIT_UNREACHABLE = 3
+VERIFY_EXIT_STATUS = (
+    "exit status: 0 when nothing differs, 1 when differences were found, 2 on a usage or configuration error, "
+    "3 when a database or NATS could not be reached (one line on stderr names what was tried)"
+)
+
+
+def _origin(args: argparse.Namespace, field: str) -> str:
+    return f"{variable(field)} from {args.sources[field]}"
+
+
+def _hint(args: argparse.Namespace) -> str:
+    """What to try, when no running `orders up` supplied the endpoints."""
+    if any(source.startswith("endpoints file") for source in args.sources.values()):
+        return ""
+    return f"; no `orders up` runs in {args.data_dir or args.settings_data_dir} (see `orders settings`)"
+
+
+DATABASES = (("write_database_url", "write database"), ("read_database_url", "read database"))
+
+
+def _unreachable_database(args: argparse.Namespace, settings: Settings, *, server_only: bool = False) -> str | None:
+    """None when both databases accept a connection (with server_only, their servers: the databases may
+    not exist yet); else one line naming the first that does not, where its URL came from, and why."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    from orders.db import libpq_url
+
+    for field, what in DATABASES:
+        url = getattr(settings, field)
+        target = make_url(url).set(database="postgres").render_as_string(hide_password=False) if server_only else url
+        try:
+            psycopg.connect(libpq_url(target), connect_timeout=5).close()
+        except psycopg.OperationalError as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return f"cannot reach the {what} at {masked(field, url)} ({_origin(args, field)}): {reason}{_hint(args)}"
+    return None
+
+
+def _refuse(problem: str) -> int:
+    print(f"error: {problem}", file=sys.stderr)
+    return EXIT_UNREACHABLE
+
+
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
     """Compare the databases directly (works with the projector stopped); with --stream, also read the
-    event stream and check that every event is in it once. Exit 1 on any difference."""
+    event stream and check that every event is in it once."""
     from projector.verify import verify
 
+    problem = _unreachable_database(args, settings)
+    if problem:
+        return _refuse(problem)
     report = asyncio.run(verify(settings.write_database_url, settings.read_database_url))
-    stream = asyncio.run(_verify_stream(settings)) if args.stream else None
+    stream = None
+    if args.stream:
+        try:
+            stream = asyncio.run(_verify_stream(settings))
+        except _NatsUnreachable as exc:
+            return _refuse(
+                f"cannot reach NATS at {masked('nats_url', settings.nats_url)} ({_origin(args, 'nats_url')}): "
+                f"{exc}{_hint(args)}"
+            )
     differences = report.differences + (stream.differences if stream else [])
     if args.json:
         result: dict[str, Any] = {
@@ -540,14 +624,21 @@ def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
             f"checked {report.orders_checked} orders and {report.products_checked} products: "
             f"{len(differences)} differences"
         )
-    return 0 if not differences else 1
+    return 0 if not differences else EXIT_DIFFERENCES
+
+
+class _NatsUnreachable(Exception):
+    """The first connection to NATS failed (the message says how)."""
 
 
 async def _verify_stream(settings: Settings) -> Any:
     from orders import jetstream
     from projector.verify import verify_stream
 
-    nc = await jetstream.connect(settings, "orders-verify", retry_forever=False)
+    try:
+        nc = await jetstream.connect(settings, "orders-verify", retry_forever=False)
+    except Exception as exc:  # nats-py raises several unrelated types for an unreachable server
+        raise _NatsUnreachable(f"{type(exc).__name__}: {exc}") from None
     try:
         return await verify_stream(nc, settings.stream)
     finally:
@@ -559,11 +650,26 @@ async def _verify_stream(settings: Settings) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orders", description="CQRS order system: services and client.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('orders-cqrs')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, func: Callable[[argparse.Namespace, Settings], int], help_text: str, client: bool = False):  # type: ignore[no-untyped-def]
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(func=func, follow=False)
+    def add(  # type: ignore[no-untyped-def]
+        name: str,
+        func: Callable[[argparse.Namespace, Settings], int],
+        help_text: str,
+        client: bool = False,
+        local: bool = True,
+        epilog: str | None = None,
+    ):
+        """A subcommand; client: it calls the gRPC services; local: it finds a stack that `orders up` runs."""
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog)
+        p.set_defaults(func=func, follow=False, local=local)
+        if local:
+            p.add_argument(
+                "--data-dir",
+                help="data directory of `orders up`, whose running stack this command uses unless ORDERS_* say "
+                "otherwise (default ORDERS_DATA_DIR, or .orders-data)",
+            )
         if client:
             p.add_argument("--json", action="store_true", help="print JSON (one object per line)")
             p.add_argument("--command-addr", help="CommandService address (default ORDERS_COMMAND_ADDR)")
@@ -572,20 +678,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--timeout", type=float, default=10.0, help="call deadline in seconds")
         return p
 
-    p = add("up", cmd_up, "run PostgreSQL, NATS and all services locally (Ctrl-C stops all)")
-    p.add_argument("--data-dir", default=".orders-data", help="where data and logs live (default .orders-data)")
+    p = add("up", cmd_up, "run PostgreSQL, NATS and all services locally (Ctrl-C stops all)", local=False)
+    p.add_argument("--data-dir", help="where data and logs live (default ORDERS_DATA_DIR, or .orders-data)")
     p.add_argument(
         "--external",
         action="store_true",
         help="use the PostgreSQL and NATS named by ORDERS_* URLs instead of starting them",
     )
-    add("command-service", _run_module("command_service"), "run the CommandService (with its outbox relay)")
-    add("query-service", _run_module("query_service"), "run the QueryService")
-    add("projector", _run_module("projector"), "run the projector")
+    for name, module, text in (
+        ("command-service", "command_service", "run the CommandService (with its outbox relay)"),
+        ("query-service", "query_service", "run the QueryService"),
+        ("projector", "projector", "run the projector"),
+    ):
+        add(name, _run_module(module), text, local=False)
     add("migrate", cmd_migrate, "create the databases and tables that are missing")
     add("create-roles", cmd_create_roles, "create one least-privilege PostgreSQL role per service (after migrate)")
-    add("settings", cmd_settings, "list every ORDERS_* variable with its default")
-    p = add("health", cmd_health, "exit 0 when the gRPC server at ADDRESS reports SERVING")
+    p = add("settings", cmd_settings, "every ORDERS_* variable's value and where it comes from (secrets masked)")
+    p.add_argument("--defaults", action="store_true", help="list the defaults and what each variable means instead")
+    p = add("health", cmd_health, "exit 0 when the gRPC server at ADDRESS reports SERVING", local=False)
     p.add_argument("address", help="HOST:PORT")
     p.add_argument("--service", default="", help="a service's own status (default: the server's)")
     p.add_argument("--timeout", type=float, default=2.0)
@@ -650,15 +760,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", type=int, nargs="*", help="dead letter ids (show, replay, discard)")
     p.add_argument("--limit", type=int, default=100)
     add("rebuild", cmd_rebuild, "replay the whole stream into fresh read tables and swap them in", client=True)
-    p = add("verify", cmd_verify, "compare the read model with the write database; exit 1 on differences", client=True)
-    p.add_argument("--stream", action="store_true", help="also check that every event is in the stream once")
+    p = add(
+        "verify",
+        cmd_verify,
+        "compare the read model with the write database, reading both directly",
+        epilog=VERIFY_EXIT_STATUS,
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--stream", action="store_true", help="also check that every event is in the stream once (NATS)")
     return parser
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, dict[str, str]]:
+    """ORDERS_* from the environment, then (for commands that use a local stack) the endpoints file of the
+    `orders up` running in the data directory, then the defaults; and where each value came from."""
+    from orders import endpoints
+
+    settings, sources = load()
+    if not args.local:
+        return settings, sources
+    data_dir = Path(args.data_dir or settings.data_dir)
+    found = endpoints.running(data_dir)
+    if found is None:
+        return settings, sources
+    return load(fallbacks=[(f"endpoints file {found.path}", found.variables)])
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        settings = Settings.from_env()
+        settings, args.sources = _settings(args)
+        args.settings_data_dir = settings.data_dir
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,8 +78,8 @@ def _parse_choice(*choices: str):  # type: ignore[no-untyped-def]
     return parse
 
 
-def _setting(default: Any, parse: Any, doc: str) -> Any:
-    return field(default=default, metadata={"parse": parse, "doc": doc})
+def _setting(default: Any, parse: Any, doc: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"parse": parse, "doc": doc, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,15 @@ class Settings:
         _parse_urls("nats", "tls"),
         "NATS server URL, or comma-separated URLs of several cluster nodes (tried in turn).",
     )
-    command_db_password: str = _setting("", str, "`orders create-roles`: password of the orders_command role.")
-    projector_db_password: str = _setting("", str, "`orders create-roles`: password of the orders_projector role.")
-    query_db_password: str = _setting("", str, "`orders create-roles`: password of the orders_query role.")
+    command_db_password: str = _setting(
+        "", str, "`orders create-roles`: password of the orders_command role.", secret=True
+    )
+    projector_db_password: str = _setting(
+        "", str, "`orders create-roles`: password of the orders_projector role.", secret=True
+    )
+    query_db_password: str = _setting("", str, "`orders create-roles`: password of the orders_query role.", secret=True)
     nats_user: str = _setting("", str, "NATS user name (with ORDERS_NATS_PASSWORD).")
-    nats_password: str = _setting("", str, "NATS password.")
+    nats_password: str = _setting("", str, "NATS password.", secret=True)
     nats_creds_file: str = _setting("", str, "NATS credentials file (JWT and nkey seed), instead of user/password.")
     command_addr: str = _setting("127.0.0.1:50051", _parse_address, "CommandService listen address.")
     query_addr: str = _setting("127.0.0.1:50052", _parse_address, "QueryService listen address.")
@@ -191,12 +196,12 @@ class Settings:
     auth_tokens_file: str = _setting(
         "", str, "File of tokens, one per line: NAME SCOPE[,SCOPE...] TOKEN (scopes: see README)."
     )
-    auth_tokens: str = _setting("", str, "Tokens inline, same format as the file, lines separated by ';'.")
+    auth_tokens: str = _setting("", str, "Tokens inline, same format as the file, lines separated by ';'.", secret=True)
     auth_open_health: bool = _setting(True, _parse_bool, "Health and reflection answer without a token.")
     client_ca_file: str = _setting("", str, "CLI: PEM CA certificates to verify the servers (turns TLS on).")
     client_cert_file: str = _setting("", str, "CLI: PEM client certificate for mTLS.")
     client_key_file: str = _setting("", str, "CLI: PEM client key for mTLS.")
-    client_token: str = _setting("", str, "CLI: bearer token sent with every call.")
+    client_token: str = _setting("", str, "CLI: bearer token sent with every call.", secret=True)
     max_watches_per_connection: int = _setting(
         100, _parse_positive_int, "Open WatchOrderSummaries streams allowed per client connection."
     )
@@ -208,6 +213,11 @@ class Settings:
     )
     log_format: str = _setting(
         "auto", _parse_choice("auto", "json", "text"), "Log lines as json, text, or auto (text on a terminal)."
+    )
+    data_dir: str = _setting(
+        ".orders-data",
+        str,
+        "Directory of `orders up` (data, logs, endpoints file); CLI commands find a stack running there.",
     )
 
     @classmethod
@@ -249,6 +259,42 @@ def _render(value: Any) -> str:
     return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
 
 
+def variable(name: str) -> str:
+    """The environment variable of a settings field."""
+    return PREFIX + name.upper()
+
+
+def load(
+    environ: Mapping[str, str] | None = None, fallbacks: Sequence[tuple[str, Mapping[str, str]]] = ()
+) -> tuple[Settings, dict[str, str]]:
+    """Settings from environ (default: os.environ), else from each fallback (a label and ORDERS_* values)
+    in turn, else the defaults; and for each field where its value came from ("environment", the
+    fallback's label, or "default"). Raises ConfigError like Settings.from_env."""
+    env = os.environ if environ is None else environ
+    chosen: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for f in dataclasses.fields(Settings):
+        name = variable(f.name)
+        for label, values in (("environment", env), *fallbacks):
+            if values.get(name):
+                chosen[name], sources[f.name] = values[name], label
+                break
+        else:
+            sources[f.name] = "default"
+    return Settings.from_env(chosen), sources
+
+
+_URL_PASSWORD = re.compile(r"(://[^:/@\s,]+:)[^@/\s,]+@")
+
+
+def masked(name: str, value: Any) -> str:
+    """A field's value as it may be shown: secrets as ********, passwords in URLs as ****."""
+    rendered = _render(value)
+    if rendered and Settings.__dataclass_fields__[name].metadata["secret"]:
+        return "********"
+    return _URL_PASSWORD.sub(r"\1****@", rendered)
+
+
 def describe() -> list[tuple[str, str, str]]:
     """(variable, default, meaning) for every setting, for the CLI and the README."""
-    return [(PREFIX + f.name.upper(), _render(f.default), f.metadata["doc"]) for f in dataclasses.fields(Settings)]
+    return [(variable(f.name), _render(f.default), f.metadata["doc"]) for f in dataclasses.fields(Settings)]

@@ -58,7 +58,8 @@ def is_unavailable(exc: BaseException) -> bool:
 
 
 async def ensure_database(url: str) -> bool:
-    """Create the database named in url when missing (connecting to the 'postgres' database).
+    """Create the database named in url when missing (connecting to the 'postgres' database), as UTF8
+    even where the server's default encoding is another (then with the C locale, which fits any encoding).
 
     Returns True when it was created.
     """
@@ -68,8 +69,15 @@ async def ensure_database(url: str) -> bool:
         cur = await conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target.database,))
         if await cur.fetchone():
             return False
+        create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.database or ""))
+        cur = await conn.execute(
+            "SELECT pg_encoding_to_char(encoding)::bytea FROM pg_database WHERE datname = 'template1'"
+        )
+        row = await cur.fetchone()
+        if row is None or bytes(row[0]) != b"UTF8":  # e.g. a SQL_ASCII server: this database is UTF8 all the same
+            create += sql.SQL(" ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
         try:
-            await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.database or "")))
+            await conn.execute(create)
         except psycopg.errors.DuplicateDatabase:
             return False
         return True

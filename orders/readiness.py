@@ -17,6 +17,7 @@ from grpc_health.v1 import health
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders import migrations
+from orders.db import is_unavailable
 from orders.grpc_server import set_serving
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,10 @@ RECHECK_WHILE_DOWN = 0.25
 
 
 class DatabaseProbe:
-    """Usable while the database answers. The first time it answers, its schema must be at the head
-    revision: otherwise NotMigrated is raised, which stops the service (nothing can work until
-    `orders migrate` runs)."""
+    """Usable while the database answers. The first time it answers, it must be usable (UTF8) and its
+    schema at the head revision: otherwise NotMigrated is raised, which stops the service (nothing can
+    work until `orders migrate` runs); so is any other failure of that first check that is not a
+    connection failure."""
 
     def __init__(self, engine: AsyncEngine, url: str, location: str, what: str) -> None:
         self._engine, self._url, self._location, self._what = engine, url, location, what
@@ -45,6 +47,10 @@ class DatabaseProbe:
         except migrations.NotMigrated:
             raise
         except Exception as exc:
+            if not self._schema_checked and not is_unavailable(exc):  # it answers, but not as a usable database
+                raise migrations.NotMigrated(
+                    f"cannot check the schema of the {self._what} database ({type(exc).__name__}: {exc})"
+                ) from exc
             return f"{self._what} database unreachable ({type(exc).__name__})"
         return None
 

@@ -13,25 +13,27 @@ from pathlib import Path
 import pytest
 
 from orders import local_stack
-from tests.support import Stack, add_product, new_id, new_sku, place
+from tests.support import Stack, add_product, eventually, new_id, new_sku, place
 
 pytestmark = pytest.mark.e2e
 
 
 class Up:
-    """One `orders up` process, its output file and its addresses."""
+    """One `orders up` process, started in a directory of its own (data in its default .orders-data there)."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
-        self.output = data_dir.parent / f"up-{len(list(data_dir.parent.glob('up-*')))}.out"
+    def __init__(self, cwd: Path, env: dict[str, str], wait: bool = True) -> None:
+        self.output = cwd / f"up-{len(list(cwd.glob('up-*')))}.out"
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "orders.cli", "up", "--data-dir", str(data_dir)],
+                [sys.executable, "-m", "orders.cli", "up"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
+                cwd=cwd,
                 start_new_session=True,
             )
-        local_stack.wait_until(self._ready, 90, "orders up to print the QueryService address")
+        if wait:
+            local_stack.wait_until(self._ready, 90, "orders up to print the QueryService address")
 
     def text(self) -> str:
         return self.output.read_text()
@@ -39,7 +41,7 @@ class Up:
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"orders up exited early:\n{self.text()}")
-        return "QueryService" in self.text()
+        return "Ctrl-C stops everything" in self.text()
 
     def infra_pids(self) -> list[int]:
         return [int(pid) for pid in re.findall(r"\(pid (\d+)", self.text())]
@@ -53,12 +55,26 @@ class Up:
             local_stack.stop_process(self.proc)  # no-op when it already exited
 
 
-def cli(env: dict[str, str], *args: str) -> dict:  # type: ignore[type-arg]
-    result = subprocess.run(
-        [sys.executable, "-m", "orders.cli", *args, "--json"], env=env, capture_output=True, text=True, timeout=30
+def without_orders_variables() -> dict[str, str]:
+    """The environment of a second terminal: no ORDERS_* variable at all."""
+    return {name: value for name, value in os.environ.items() if not name.startswith("ORDERS_")}
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orders.cli", *args],
+        env=without_orders_variables(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
+
+
+def cli(cwd: Path, *args: str) -> dict:  # type: ignore[type-arg]
+    result = run_cli(cwd, *args, "--json")
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
+    return json.loads(result.stdout.splitlines()[-1])  # type: ignore[no-any-return]
 
 
 def pid_alive(pid: int) -> bool:
@@ -69,39 +85,57 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def test_up_serves_the_cli_stops_on_ctrl_c_and_keeps_data(tmp_path: Path) -> None:
+def test_up_serves_a_second_terminal_stops_on_ctrl_c_and_keeps_data(tmp_path: Path) -> None:
+    """As the README has it: `orders up` in one terminal, every other command in another one, in the same
+    directory and with no ORDERS_* variable set: they find the stack through its endpoints file."""
     if os.environ.get("ORDERS_TEST_BACKEND", "embedded") != "embedded":
         pytest.skip("orders up starts the embedded servers; this backend provides its own")
-    env = {
-        **os.environ,
-        **{f"ORDERS_{name.upper()}": address for name, address in local_stack.free_addresses().items()},
-    }
-    data_dir = tmp_path / "data"
+    addresses = {f"ORDERS_{name.upper()}": address for name, address in local_stack.free_addresses().items()}
+    env = {**without_orders_variables(), **addresses}  # free ports instead of the defaults, for `up` alone
 
-    first = Up(data_dir, env)
+    first = Up(tmp_path, env)
     try:
-        assert env["ORDERS_COMMAND_ADDR"] in first.text() and env["ORDERS_QUERY_ADDR"] in first.text()
-        cli(env, "upsert-product", "LAMP-1", "--name", "Desk lamp", "--price-minor", "2599", "--currency", "EUR")
-        cli(env, "update-inventory", "LAMP-1", "--set", "5")
-        placed = cli(env, "place-order", "--customer", "carol", "--line", "LAMP-1:1")
-        shown = cli(env, "get-order", placed["order_id"], "--token", placed["consistency_token"])
+        assert addresses["ORDERS_COMMAND_ADDR"] in first.text() and addresses["ORDERS_QUERY_ADDR"] in first.text()
+        cli(tmp_path, "upsert-product", "LAMP-1", "--name", "Desk lamp", "--price-minor", "2599", "--currency", "EUR")
+        cli(tmp_path, "update-inventory", "LAMP-1", "--set", "5")
+        placed = cli(tmp_path, "place-order", "--customer", "carol", "--line", "LAMP-1:1")
+        shown = cli(tmp_path, "get-order", placed["order_id"], "--token", placed["consistency_token"])
         assert shown["summary"]["status"] == "ORDER_STATUS_PLACED"
+        verified = eventually(lambda: (v := cli(tmp_path, "verify", "--stream"))["differences"] == [] and v, 30)
+        assert verified["orders_checked"] == 1 and verified["stream"]["messages"] >= 4
+        settings = run_cli(tmp_path, "settings").stdout
+        endpoints_file = str((tmp_path / ".orders-data" / "endpoints.json").resolve())
+        assert re.search(rf"ORDERS_WRITE_DATABASE_URL +postgresql://\S+ +endpoints file {endpoints_file}", settings)
+        assert re.search(r"ORDERS_LOG_LEVEL +INFO +default", settings)
         pids = first.infra_pids()
         assert len(pids) == 2
+
+        again = Up(tmp_path, env, wait=False)  # a second `orders up` in the same directory
+        assert again.proc.wait(60) == 1
+        refusal = again.text()
+        assert "already runs" in refusal and f"pid {first.proc.pid}" in refusal, refusal
+        assert len(refusal.strip().splitlines()) == 1 and "FATAL" not in refusal
     finally:
         code = first.interrupt()
     assert code == 0, first.text()
     assert not [pid for pid in pids if pid_alive(pid)], "PostgreSQL or NATS outlived orders up"
+    assert not (tmp_path / ".orders-data" / "endpoints.json").exists()
+    down = run_cli(tmp_path, "verify")
+    assert down.returncode == 3 and "Traceback" not in down.stderr, down.stderr
+    assert (
+        down.stderr.startswith("error: cannot reach the write database at postgresql://")
+        and len(down.stderr.strip().splitlines()) == 1
+    )
 
-    second = Up(data_dir, env)
+    second = Up(tmp_path, env)
     try:
-        again = cli(env, "get-order", placed["order_id"])
+        again = cli(tmp_path, "get-order", placed["order_id"])
         assert again["summary"]["order_id"] == placed["order_id"]
-        products = cli(env, "list-products")["products"]
+        products = cli(tmp_path, "list-products")["products"]
         assert [(p["sku"], p["stock"]) for p in products] == [("LAMP-1", "4")]
-        cancelled = cli(env, "cancel-order", placed["order_id"], "--reason", "restart test")
+        cancelled = cli(tmp_path, "cancel-order", placed["order_id"], "--reason", "restart test")
         assert cancelled["version"] == "2"
-        found = cli(env, "get-order", placed["order_id"], "--token", cancelled["consistency_token"])
+        found = cli(tmp_path, "get-order", placed["order_id"], "--token", cancelled["consistency_token"])
         assert found["summary"]["status"] == "ORDER_STATUS_CANCELLED"
     finally:
         assert second.interrupt() == 0, second.text()

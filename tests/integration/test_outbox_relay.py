@@ -245,3 +245,27 @@ def test_published_rows_are_deleted_after_the_retention(
         assert len(stream_events(settings)) == 4  # deleted from the outbox, kept in the stream
     finally:
         service.stop()
+
+
+def test_the_relay_health_is_not_serving_while_its_rounds_fail(infra: Infra, tmp_path: Path) -> None:
+    """Connected to NATS but unable to read the outbox (here: the table is renamed away), the relay reports
+    NOT_SERVING, while commands' own health stays SERVING; it recovers without a restart."""
+    settings = isolated_settings(infra)
+    asyncio.run(migrate(settings))
+    service = CommandProcess(settings, tmp_path)
+
+    def relay() -> str | None:
+        return local_stack.grpc_health(settings.command_addr, "relay")
+
+    try:
+        eventually(lambda: relay() == "SERVING", 15, "the relay SERVING")
+        with psycopg.connect(libpq_url(settings.write_database_url), autocommit=True) as conn:
+            conn.execute("ALTER TABLE outbox RENAME TO outbox_away")
+            eventually(lambda: relay() == "NOT_SERVING", 15, "the relay NOT_SERVING while its rounds fail")
+            assert local_stack.grpc_health(settings.command_addr, "orders.v1.CommandService") == "SERVING"
+            conn.execute("ALTER TABLE outbox_away RENAME TO outbox")
+        eventually(lambda: relay() == "SERVING", 15, "the relay SERVING again")
+        service.product("RELAY-HEALTH-1", 1)
+        eventually(lambda: unpublished(settings) == 0, 10, "the outbox drained")
+    finally:
+        service.stop()
