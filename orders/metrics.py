@@ -6,6 +6,8 @@ moves them. prometheus_client adds process_* (CPU, resident memory, open files) 
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 RPCS = Counter(
@@ -18,9 +20,23 @@ RPC_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 
-# Set by the projector from its measurements, and by the query service from the projector's last report.
-PROJECTION_LAG_EVENTS = Gauge("orders_projection_lag_events", "Events in the stream not yet applied to the read model")
-PROJECTION_LAG_SECONDS = Gauge("orders_projection_lag_seconds", "Age of the oldest event not yet applied")
+
+@functools.cache
+def _projection_lag_gauges() -> tuple[Gauge, Gauge]:
+    return (
+        Gauge("orders_projection_lag_events", "Events in the stream not yet applied to the read model"),
+        Gauge("orders_projection_lag_seconds", "Age of the oldest event not yet applied"),
+    )
+
+
+def set_projection_lag(events: float, seconds: float) -> None:
+    """Export the projection lag: the projector's measurement, or (query service) its last report.
+
+    The gauges are registered on first use, so only the processes that know the lag export them.
+    """
+    events_gauge, seconds_gauge = _projection_lag_gauges()
+    events_gauge.set(events)
+    seconds_gauge.set(seconds)
 
 
 def serve_metrics(address: str) -> int:

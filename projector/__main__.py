@@ -13,7 +13,7 @@ from orders import db, migrations, readiness
 from orders.config import Settings
 from orders.db import driver_transaction
 from orders.grpc_server import create_server
-from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
+from orders.metrics import serve_metrics, set_projection_lag
 from orders.runtime import run_service, stop_event
 from orders.v1 import admin_pb2
 from projector import lag
@@ -33,8 +33,7 @@ async def housekeeping(projector: Projector, settings: Settings, engine: db.Asyn
                 if projector.nc is not None and projector.nc.is_connected:
                     measured = await lag.measure(projector.nc, settings)
                     await lag.record(conn, PROJECTION_NAME, measured)
-                    PROJECTION_LAG_EVENTS.set(measured.events)
-                    PROJECTION_LAG_SECONDS.set(measured.seconds)
+                    set_projection_lag(measured.events, measured.seconds)
                 await prune_changes(conn, settings.change_retention)
         except Exception as exc:
             log.debug("housekeeping skipped: %s", exc)

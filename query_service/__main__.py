@@ -13,7 +13,7 @@ from psycopg_pool import AsyncConnectionPool
 from orders import db, migrations, readiness
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
-from orders.metrics import PROJECTION_LAG_EVENTS, PROJECTION_LAG_SECONDS, serve_metrics
+from orders.metrics import serve_metrics, set_projection_lag
 from orders.read_model import projection_checkpoints
 from orders.runtime import run_service, stop_event
 from orders.v1 import queries_pb2
@@ -57,8 +57,7 @@ class ProjectionProbe:
             LAGGING.set(1)
             return "the projector has not reported its lag yet"
         events, seconds, age = row[0], row[1] or 0.0, float(row[2])
-        PROJECTION_LAG_EVENTS.set(events)
-        PROJECTION_LAG_SECONDS.set(seconds)
+        set_projection_lag(events, seconds)
         settings = self._settings
         lagging = events > settings.lag_alert_events or seconds > settings.lag_alert_seconds
         stale = age > settings.lag_alert_seconds

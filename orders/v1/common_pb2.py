@@ -24,14 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16orders/v1/common.proto\x12\torders.v1\"3\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\x13\n\x0bminor_units\x18\x02 \x01(\x03*`\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATUS_PLACED\x10\x01\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x02\x42`\n\x15\x63om.example.orders.v1B\x0b\x43ommonProtoP\x01Z,example.com/orders/gen/go/orders/v1;ordersv1\xaa\x02\tOrders.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16orders/v1/common.proto\x12\torders.v1\"3\n\x05Money\x12\x15\n\rcurrency_code\x18\x01 \x01(\t\x12\x13\n\x0bminor_units\x18\x02 \x01(\x03*`\n\x0bOrderStatus\x12\x1c\n\x18ORDER_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13ORDER_STATUS_PLACED\x10\x01\x12\x1a\n\x16ORDER_STATUS_CANCELLED\x10\x02\x42\x1b\x42\x0b\x43ommonProtoP\x01\xaa\x02\tOrders.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orders.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
-  _globals['DESCRIPTOR']._serialized_options = b'\n\025com.example.orders.v1B\013CommonProtoP\001Z,example.com/orders/gen/go/orders/v1;ordersv1\252\002\tOrders.V1'
+  _globals['DESCRIPTOR']._serialized_options = b'B\013CommonProtoP\001\252\002\tOrders.V1'
   _globals['_ORDERSTATUS']._serialized_start=90
   _globals['_ORDERSTATUS']._serialized_end=186
   _globals['_MONEY']._serialized_start=37

@@ -142,6 +142,7 @@ def test_every_process_serves_metrics_that_follow_the_traffic(stack: Stack) -> N
     assert after["projector"]["orders_projector_batch_seconds_count"] > 0
     assert "orders_projection_lag_events" in after["projector"]
     assert "orders_projection_lag_events" in after["query"]
+    assert not [name for name in after["command"] if name.startswith("orders_projection_")]  # it does not know it
     for process in after.values():
         assert 0 < process["process_resident_memory_bytes"] < 1e9
 

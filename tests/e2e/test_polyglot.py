@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from google.rpc import status_pb2
 
 from tests.support import Stack, add_product, new_id, new_sku
 
@@ -15,6 +16,9 @@ pytestmark = pytest.mark.e2e
 
 CLIENT = Path(__file__).resolve().parents[1] / "polyglot"
 PROTOS = Path(__file__).resolve().parents[2] / "protos"
+# google/rpc/status.proto and error_details.proto, as PyPI's googleapis-common-protos (a dependency of
+# grpcio-status) ships them next to their generated modules: the README sends clients there.
+GOOGLEAPIS_PROTOS = Path(status_pb2.__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,16 @@ def test_a_node_client_places_reads_and_watches_an_order(stack: Stack, node_clie
     sku, customer = new_sku("N"), f"node-{new_id()}"
     add_product(stack.commands, sku, stock=5, price=150, name="From Node")
     result = subprocess.run(
-        ["node", str(node_client), stack.settings.command_addr, stack.settings.query_addr, str(PROTOS), sku, customer],
+        [
+            "node",
+            str(node_client),
+            stack.settings.command_addr,
+            stack.settings.query_addr,
+            str(PROTOS),
+            sku,
+            customer,
+            str(GOOGLEAPIS_PROTOS),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -49,3 +62,4 @@ def test_a_node_client_places_reads_and_watches_an_order(stack: Stack, node_clie
     assert watched == [(seen["placed"], "1", True), (seen["placed"], "2", False)]
     assert seen["watched"][1]["summary"]["status"] == "ORDER_STATUS_CANCELLED"
     assert seen["refused"] == "INVALID_ARGUMENT"
+    assert set(seen["refusedFields"]) == {"customer_id", "lines"}  # BadRequest decoded with googleapis' protos

@@ -1,15 +1,18 @@
 // A Node.js client of the orders services that knows only the .proto files:
-// places an order, reads it back with its consistency token, and receives it on a watch stream.
-// Usage: node client.js <command host:port> <query host:port> <protos dir> <sku> <customer>
+// places an order, reads it back with its consistency token, and receives it on a watch stream; then
+// decodes the google.rpc.BadRequest details of a refused command, from google/rpc/status.proto and
+// error_details.proto (found under <googleapis protos dir>).
+// Usage: node client.js <command host:port> <query host:port> <protos dir> <sku> <customer> <googleapis protos dir>
 // Prints one JSON object with what it saw; exits non-zero on any error.
 "use strict";
 
 const grpc = require("@grpc/grpc-js");
 const protoLoader = require("@grpc/proto-loader");
+const protobuf = require("protobufjs");
 const crypto = require("node:crypto");
 const path = require("node:path");
 
-const [commandAddr, queryAddr, protosDir, sku, customer] = process.argv.slice(2);
+const [commandAddr, queryAddr, protosDir, sku, customer, googleDir] = process.argv.slice(2);
 const definition = protoLoader.loadSync(
   ["orders/v1/commands.proto", "orders/v1/queries.proto"].map((file) => path.join(protosDir, file)),
   { includeDirs: [protosDir], keepCase: false, longs: String, enums: String, defaults: true },
@@ -17,6 +20,20 @@ const definition = protoLoader.loadSync(
 const v1 = grpc.loadPackageDefinition(definition).orders.v1;
 const commands = new v1.CommandService(commandAddr, grpc.credentials.createInsecure());
 const queries = new v1.QueryService(queryAddr, grpc.credentials.createInsecure());
+
+// The rich error model: a google.rpc.Status in the grpc-status-details-bin trailer, its details as Any.
+const rpcTypes = protobuf.loadSync(
+  ["google/rpc/status.proto", "google/rpc/error_details.proto"].map((file) => path.join(googleDir, file)),
+);
+
+function fieldViolations(error) {
+  const [bytes] = error.metadata.get("grpc-status-details-bin");
+  const status = rpcTypes.lookupType("google.rpc.Status").decode(bytes);
+  const badRequest = rpcTypes.lookupType("google.rpc.BadRequest");
+  return status.details
+    .filter((detail) => detail.type_url === "type.googleapis.com/google.rpc.BadRequest")
+    .flatMap((detail) => badRequest.decode(detail.value).fieldViolations.map((v) => v.field));
+}
 
 function deadline(seconds) {
   return { deadline: new Date(Date.now() + seconds * 1000) };
@@ -62,12 +79,14 @@ async function main() {
   const messages = await watched;
   watch.cancel();
   let refused = null;
+  let refusedFields = null;
   try {
     await call(commands, "PlaceOrder", { requestId: crypto.randomUUID(), customerId: "", lines: [] });
   } catch (error) {
     refused = grpc.status[error.code];
+    refusedFields = fieldViolations(error);
   }
-  console.log(JSON.stringify({ placed: placed.orderId, read: read.summary, watched: messages, refused }));
+  console.log(JSON.stringify({ placed: placed.orderId, read: read.summary, watched: messages, refused, refusedFields }));
   commands.close();
   queries.close();
 }

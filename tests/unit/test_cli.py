@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -9,6 +10,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+from google.protobuf import timestamp_pb2
+
+from orders import cli
+from orders.v1 import admin_pb2
 
 
 def orders(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -79,3 +86,73 @@ def test_settings_show_effective_values_their_sources_and_mask_secrets(tmp_path:
 
     defaults = orders("settings", "--defaults", env=env).stdout
     assert re.search(r"ORDERS_NATS_PASSWORD +NATS password\.", defaults)
+
+
+def printed(capsys: pytest.CaptureFixture[str], *messages: object) -> list[str]:
+    args = argparse.Namespace(json=False)
+    for message in messages:
+        cli._output(args, message)
+    return capsys.readouterr().out.splitlines()
+
+
+def test_fields_print_in_the_order_the_proto_declares_whatever_their_values(capsys: pytest.CaptureFixture[str]) -> None:
+    declared = [field.name for field in admin_pb2.GetProjectionLagResponse.DESCRIPTOR.fields]
+    for lag in (
+        admin_pb2.GetProjectionLagResponse(stream_last_sequence=9, ack_floor_sequence=9),
+        admin_pb2.GetProjectionLagResponse(lag_events=4, lag_seconds=1.5, ack_pending=4, dead_letters=2),
+    ):
+        assert [line.split(":")[0] for line in printed(capsys, lag)] == declared
+
+
+def test_rebuild_progress_is_one_line_per_step(capsys: pytest.CaptureFixture[str]) -> None:
+    steps = [
+        admin_pb2.RebuildReadModelResponse(replayed=256, target_sequence=600),
+        admin_pb2.RebuildReadModelResponse(replayed=600, target_sequence=600),
+        admin_pb2.RebuildReadModelResponse(replayed=612, target_sequence=600, swapped=True),
+    ]
+    assert printed(capsys, *steps) == [
+        "replayed 256 of 600 events",
+        "replayed 600 of 600 events",
+        "swapped in: the read model now holds all 612 events replayed",
+    ]
+
+
+def test_dead_letters_list_as_a_table_and_show_with_their_payload(capsys: pytest.CaptureFixture[str]) -> None:
+    created = timestamp_pb2.Timestamp(seconds=1_790_000_000)
+    letters = admin_pb2.ListDeadLettersResponse(
+        dead_letters=[
+            admin_pb2.DeadLetter(
+                id=3,
+                stream_sequence=41,
+                aggregate_type="product",
+                aggregate_id="LAMP-1",
+                status=admin_pb2.DEAD_LETTER_STATUS_DEAD,
+                reason="permanent: not an EventEnvelope",
+                deliveries=1,
+                created_at=created,
+            ),
+            admin_pb2.DeadLetter(
+                id=4,
+                stream_sequence=42,
+                aggregate_type="product",
+                aggregate_id="LAMP-1",
+                aggregate_version=7,
+                status=admin_pb2.DEAD_LETTER_STATUS_PARKED,
+                reason="parked behind a dead letter",
+                deliveries=1,
+                created_at=created,
+            ),
+        ]
+    )
+    header, dead, parked = printed(capsys, letters)
+    assert header.split() == ["ID", "SEQUENCE", "STATUS", "AGGREGATE", "VERSION", "DELIVERIES", "CREATED", "REASON"]
+    assert dead.split()[:6] == ["3", "41", "dead", "product/LAMP-1", "-", "1"]
+    assert parked.split()[:5] == ["4", "42", "parked", "product/LAMP-1", "7"] and parked.endswith("dead letter")
+    assert printed(capsys, admin_pb2.ListDeadLettersResponse()) == ["no dead letters"]
+
+    shown = printed(
+        capsys, admin_pb2.GetDeadLetterResponse(dead_letter=admin_pb2.DeadLetter(id=3, payload=b"\xff\x00junk"))
+    )
+    assert "  payload: /wBqdW5r (base64)" in shown and not [line for line in shown if "event" in line]
+    listed = printed(capsys, admin_pb2.GetDeadLetterResponse(dead_letter=admin_pb2.DeadLetter(id=3)))
+    assert not [line for line in listed if "payload" in line]  # an empty payload is not printed
