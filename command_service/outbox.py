@@ -133,9 +133,11 @@ class OutboxRelay:
         while True:
             try:
                 await jetstream.ensure_stream(nc, self._settings)
+                self._failing = None
                 return
             except Exception as exc:  # timeouts or API errors while NATS starts
                 log.warning("cannot set up stream %s (%s); retrying", self._settings.stream, exc)
+                self._failing = f"outbox relay: cannot set up stream {self._settings.stream} ({exc})"[:200]
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

@@ -80,4 +80,16 @@ def read(data_dir: Path) -> Endpoints | None:
 def running(data_dir: Path) -> Endpoints | None:
     """The endpoints of the `orders up` that runs in data_dir now; None when none does."""
     found = read(data_dir)
-    return found if found is not None and pid_alive(found.pid) else None
+    return found if found is not None and _is_orders_up(found.pid) else None
+
+
+def _is_orders_up(pid: int) -> bool:
+    """Whether pid is alive and, where /proc tells (Linux), an `orders … up` process: after a crash and a
+    reboot, the pid of a file left behind may belong to something else."""
+    if not pid_alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc here: the pid alone must do
+    return b"up" in argv and any(b"orders" in arg for arg in argv)

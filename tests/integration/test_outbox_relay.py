@@ -24,7 +24,9 @@ from tests.support import (
     isolated_settings,
     migrate,
     place,
+    publish_events,
     start_serving,
+    stays,
 )
 
 pytestmark = pytest.mark.e2e
@@ -107,6 +109,14 @@ class CommandProcess:
     def stop(self) -> None:
         self.channel.close()
         self.proc.stop()
+
+
+async def delete_stream(settings: Settings) -> None:
+    nc = await jetstream.connect(settings.nats_url, "test-cleaner", retry_forever=False)
+    try:
+        await nc.jsm().delete_stream(settings.stream)
+    finally:
+        await jetstream.close(nc)
 
 
 def restart(nats: local_stack.LocalNats) -> local_stack.LocalNats:
@@ -247,10 +257,15 @@ def test_published_rows_are_deleted_after_the_retention(
         service.stop()
 
 
-def test_the_relay_health_is_not_serving_while_its_rounds_fail(infra: Infra, tmp_path: Path) -> None:
-    """Connected to NATS but unable to read the outbox (here: the table is renamed away), the relay reports
-    NOT_SERVING, while commands' own health stays SERVING; it recovers without a restart."""
-    settings = isolated_settings(infra)
+def test_the_relay_health_is_not_serving_while_it_cannot_relay(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    """Connected to NATS but unable to create its stream (another stream holds the subjects), or to read
+    the outbox (the table renamed away), the relay reports NOT_SERVING, while commands' own health stays
+    SERVING; it recovers without a restart."""
+    blocking = isolated_settings(infra, nats_url=own_nats.url)
+    asyncio.run(publish_events(blocking, []))  # a stream of another system on the same subjects
+    settings = isolated_settings(infra, nats_url=own_nats.url)
     asyncio.run(migrate(settings))
     service = CommandProcess(settings, tmp_path)
 
@@ -258,6 +273,8 @@ def test_the_relay_health_is_not_serving_while_its_rounds_fail(infra: Infra, tmp
         return local_stack.grpc_health(settings.command_addr, "relay")
 
     try:
+        stays(lambda: relay() == "NOT_SERVING", 3.0, "the relay NOT_SERVING while its stream cannot be created")
+        asyncio.run(delete_stream(blocking))
         eventually(lambda: relay() == "SERVING", 15, "the relay SERVING")
         with psycopg.connect(libpq_url(settings.write_database_url), autocommit=True) as conn:
             conn.execute("ALTER TABLE outbox RENAME TO outbox_away")

@@ -45,7 +45,9 @@ def big(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigR
         durable=False,
         options={"shared_preload_libraries": "auto_explain", "auto_explain.log_min_duration": "0"},
     )
-    settings = isolated_settings(infra, read_database_url=pg.url("orders_read"), write_database_url=pg.url("w"))
+    settings = isolated_settings(  # DEBUG: the cancellation test reads the line a cancelled stream logs
+        infra, read_database_url=pg.url("orders_read"), write_database_url=pg.url("w"), log_level="DEBUG"
+    )
     asyncio.run(migrate(settings))
     with psycopg.connect(libpq_url(settings.read_database_url), autocommit=True) as conn:
         conn.execute(LOAD)

@@ -43,10 +43,20 @@ def test_version() -> None:
 def test_settings_show_effective_values_their_sources_and_mask_secrets(tmp_path: Path) -> None:
     data_dir = tmp_path / ".orders-data"
     data_dir.mkdir()
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "orders", "up"])
+    try:
+        check_settings(tmp_path, data_dir, stand_in.pid)
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def check_settings(tmp_path: Path, data_dir: Path, up_pid: int) -> None:
+    """With an endpoints file whose pid runs `orders up` (a stand-in with that command line)."""
     (data_dir / "endpoints.json").write_text(
         json.dumps(
             {
-                "pid": os.getpid(),  # alive: this test process stands in for a running `orders up`
+                "pid": up_pid,
                 "variables": {
                     "ORDERS_READ_DATABASE_URL": "postgresql://postgres@127.0.0.1:5999/orders_read",
                     "ORDERS_NATS_URL": "nats://127.0.0.1:4999",
@@ -80,9 +90,9 @@ def test_settings_show_effective_values_their_sources_and_mask_secrets(tmp_path:
         r"ORDERS_QUERY_ADDR +127\.0\.0\.1:50052 +default", setting_line(done.stdout, "ORDERS_QUERY_ADDR")
     )
 
-    (data_dir / "endpoints.json").write_text(json.dumps({"pid": 2**22 + 12345, "variables": {}}))  # its up is gone
-    stale = orders("settings", cwd=tmp_path)
-    assert "endpoints file" not in stale.stdout
+    for stale_pid in (2**22 + 12345, os.getpid()):  # gone, or alive but not `orders up` (a reused pid)
+        (data_dir / "endpoints.json").write_text(json.dumps({"pid": stale_pid, "variables": {}}))
+        assert "endpoints file" not in orders("settings", cwd=tmp_path).stdout
 
     defaults = orders("settings", "--defaults", env=env).stdout
     assert re.search(r"ORDERS_NATS_PASSWORD +NATS password\.", defaults)
