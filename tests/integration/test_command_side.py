@@ -7,6 +7,7 @@ import random
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import psycopg
@@ -203,9 +204,12 @@ def test_database_unreachable_at_start_is_not_serving_and_unavailable(infra: Inf
         proc.stop()
 
 
-def test_health_follows_the_write_database_and_commands_recover_without_a_restart(infra: Infra, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_health_follows_the_write_database_and_commands_recover_without_a_restart(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
     pg = local_stack.start_postgres(tmp_path / "pg", durable=False)
-    settings = isolated_settings(infra, write_database_url=pg.url("orders_write"))
+    # NATS of its own: on the session's, the session's stream already holds the event subjects.
+    settings = isolated_settings(infra, write_database_url=pg.url("orders_write"), nats_url=own_nats.url)
     proc = None
     try:
         asyncio.run(migrate(settings))
@@ -213,6 +217,7 @@ def test_health_follows_the_write_database_and_commands_recover_without_a_restar
         stub = commands_pb2_grpc.CommandServiceStub(grpc.insecure_channel(settings.command_addr))
         sku = new_sku("H")
         add_product(stub, sku, stock=10)
+        eventually(lambda: local_stack.grpc_health(settings.command_addr, "relay") == "SERVING", 15, "relay")
         pg.stop()
         eventually(lambda: local_stack.grpc_health(settings.command_addr) == "NOT_SERVING", 10, "NOT_SERVING")
         started = time.monotonic()
