@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -51,6 +53,26 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+class Throttle:
+    """Let one event through per interval (a log line, say), and count those held back meanwhile."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next = -math.inf
+        self._held = 0
+
+    def allow(self) -> int | None:
+        """None when this one is held back; otherwise how many were held back since the last one allowed."""
+        now = self._clock()
+        if now < self._next:
+            self._held += 1
+            return None
+        self._next = now + self._interval
+        held, self._held = self._held, 0
+        return held
 
 
 def configure_logging(level: str, log_format: str = "auto", stream: TextIO | None = None) -> None:

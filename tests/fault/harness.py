@@ -30,7 +30,7 @@ import grpc
 import psycopg
 
 from command_service.outbox import backlog_of
-from orders import jetstream, local_stack
+from orders import jetstream, local_stack, security
 from orders.config import Settings
 from orders.db import libpq_url
 from orders.v1 import commands_pb2, commands_pb2_grpc
@@ -85,7 +85,8 @@ class Client:
     """Commands with a deadline on every call, retried with the same request_id on UNAVAILABLE or
     DEADLINE_EXCEEDED (spread over the given servers), and recorded in a shared ledger."""
 
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.metadata = metadata  # e.g. the bearer token, when the system requires one
         self.channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
         self.stubs = [commands_pb2_grpc.CommandServiceStub(c) for c in self.channels]
         self.ledger: list[Command] = []
@@ -121,7 +122,7 @@ class Client:
             stub = self.stubs[(server + attempt) % len(self.stubs)]
             sent = time.monotonic()
             try:
-                reply = getattr(stub, method)(request, timeout=CALL_DEADLINE)
+                reply = getattr(stub, method)(request, timeout=CALL_DEADLINE, metadata=self.metadata)
             except grpc.RpcError as exc:
                 code = exc.code()
                 command.attempts.append(Attempt(code.name, time.monotonic() - sent))
@@ -269,7 +270,7 @@ class System:
         """Products with INITIAL_STOCK each, created through the command service."""
         self.skus = [f"F{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(products)]
         for sku in self.skus:
-            add_product(client.stubs[0], sku, stock=INITIAL_STOCK)
+            add_product(client.stubs[0], sku, stock=INITIAL_STOCK, metadata=client.metadata)
         return self.skus
 
 
@@ -294,8 +295,9 @@ def loaded_system(
 ) -> Iterator[tuple[System, Client, Load]]:
     """The usual scenario: a system of its own with one command service and one projector on settings
     (after adopting the given processes, so that they are stopped with it), a seeded catalog, and a
-    load over 50 customers named <customers><n>, not started yet."""
-    client = Client([settings.command_addr])
+    load over 50 customers named <customers><n>, not started yet. With authentication on, the client
+    sends settings.client_token."""
+    client = Client([settings.command_addr], security.call_metadata(settings))
     with system(settings, log_dir) as running, contextlib.closing(client):
         for name, proc in (adopt or {}).items():
             running.adopt(name, proc)
@@ -488,6 +490,15 @@ def fetch(url: str) -> str:
     """The body of an HTTP GET (a metrics page)."""
     with urllib.request.urlopen(url, timeout=5) as response:
         return str(response.read().decode())
+
+
+def metric(url: str, sample: str) -> float:
+    """One sample's value from a metrics page (name with its labels, as exposed); 0 when absent."""
+    for line in fetch(url).splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
 
 
 def health(address: str, service: str = "") -> str | None:
