@@ -49,7 +49,10 @@ PROJECTION_NAME = "order_summaries"
 NOTIFY_CHUNK_BYTES = 7000  # PostgreSQL caps a NOTIFY payload at 8000 bytes
 FETCH_TIMEOUT = 1.0  # a fetch waits this long for the first event of a batch
 FETCH_RETRY_DELAY = 0.5  # pause after a fetch that failed (not one that found nothing)
-STALL_CHECK_SECONDS = 15.0  # empty fetches for this long → check the subscription is still alive
+LEFTOVER_FETCH_TIMEOUT = 0.1  # a last fetch on a subscription about to be replaced
+# This many empty fetches in a row (each waits FETCH_TIMEOUT) → check the subscription is still alive.
+# Counted in fetches, not seconds: a process that was frozen (SIGSTOP, a VM pause) has not been idle.
+STALL_CHECK_FETCHES = 15
 CONFLICT_RETRY_DELAY = 0.05
 GAP_RECHECKS = 20  # in-process re-checks of a batch's GAP events, while they make progress
 GAP_RECHECK_PAUSE = 0.02
@@ -184,15 +187,16 @@ class Projector:
             js = nc.jetstream(timeout=5)
             sub = await self._subscribe(js)
             self.consuming = True
-            idle_since = time.monotonic()
+            empty_fetches = 0
             while not stop.is_set():
                 msgs = await self.next_batch(sub, FETCH_TIMEOUT)
                 if not msgs:
-                    if time.monotonic() - idle_since > STALL_CHECK_SECONDS:
+                    empty_fetches += 1
+                    if empty_fetches >= STALL_CHECK_FETCHES:
                         sub = await self._check_stalled(nc, js, sub)
-                        idle_since = time.monotonic()
+                        empty_fetches = 0
                     continue
-                idle_since = time.monotonic()
+                empty_fetches = 0
                 with BATCH_SECONDS.time():
                     await self.handle_batch(msgs)
         finally:
@@ -234,20 +238,35 @@ class Projector:
     ) -> JetStreamContext.PullSubscription:
         """Watchdog: a pull subscription can stop receiving after a server restart (nats.py #504).
 
-        When fetches come back empty although the consumer has pending events, subscribe again.
+        When fetches keep coming back empty although the consumer has events to deliver, subscribe
+        again, but only while nothing is delivered and unacknowledged: events delivered to this
+        subscription and still on their way (say, read from the socket after a pause of this
+        process) would be dropped with it, and come back only after ack_wait. Whatever the old
+        subscription still holds is applied before it goes.
         """
         try:
             info = await sub.consumer_info()
         except Exception as exc:
-            log.warning("watchdog: consumer info unavailable (%s); re-creating consumer", exc)
-            await self._setup(nc)
-            await sub.unsubscribe()
-            return await self._subscribe(js)
-        if (info.num_pending or 0) > 0:
-            log.warning("watchdog: %d events pending but none fetched; re-subscribing", info.num_pending)
-            await sub.unsubscribe()
-            return await self._subscribe(js)
+            log.warning("watchdog: consumer info unavailable (%s: %s); setting it up again", type(exc).__name__, exc)
+            await self._setup(nc)  # the subscription is only our inbox: it serves a re-created consumer too
+            return sub
+        pending, in_flight = info.num_pending or 0, info.num_ack_pending or 0
+        if pending and not in_flight:
+            log.warning("watchdog: %d events pending but none fetched; subscribing again", pending)
+            return await self._resubscribe(js, sub)
+        if pending:
+            log.info("watchdog: %d events pending, %d delivered and not yet acknowledged; waiting", pending, in_flight)
         return sub
+
+    async def _resubscribe(
+        self, js: JetStreamContext, sub: JetStreamContext.PullSubscription
+    ) -> JetStreamContext.PullSubscription:
+        """A new pull subscription, after applying what the old one had already received."""
+        leftover = await self.next_batch(sub, LEFTOVER_FETCH_TIMEOUT)
+        if leftover:
+            await self.handle_batch(leftover)
+        await sub.unsubscribe()
+        return await self._subscribe(js)
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Apply msgs in one transaction, then ack, nak or terminate each one."""
