@@ -77,10 +77,9 @@ class OutboxRelay:
         self._failing: str | None = None  # why the last round failed; None once a round succeeds
 
     async def probe(self) -> str | None:
-        """Health probe: None while connected to NATS and the last round did not fail."""
-        if self._nc is None or not self._nc.is_connected:
-            return "outbox relay not connected to NATS"
-        return self._failing
+        """Health probe: None while NATS answers and the last round did not fail."""
+        silent = await jetstream.unresponsive(self._nc)
+        return f"outbox relay: {silent}" if silent else self._failing
 
     def wake(self) -> None:
         self._wake.set()
@@ -100,7 +99,7 @@ class OutboxRelay:
         nc = self._nc = await jetstream.connect(self._settings, "orders-command-relay")
         try:
             await self._ensure_stream(nc)
-            js = nc.jetstream(timeout=5)
+            js = nc.jetstream(timeout=self._settings.publish_timeout)
             failures = 0
             while True:
                 try:

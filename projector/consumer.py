@@ -169,9 +169,10 @@ class Projector:
             )
 
     async def probe(self) -> str | None:
-        """Health probe: None while connected to NATS with the consumer set up."""
-        if self.nc is None or not self.nc.is_connected:
-            return "not connected to NATS"
+        """Health probe: None while NATS answers and the consumer is set up."""
+        silent = await jetstream.unresponsive(self.nc)
+        if silent:
+            return silent
         return (
             None if self.consuming else f"waiting for the stream {self._settings.stream} (the command side creates it)"
         )
@@ -198,9 +199,19 @@ class Projector:
                     continue
                 empty_fetches = 0
                 with BATCH_SECONDS.time():
-                    await self.handle_batch(msgs)
+                    await self._handle_renewing(msgs)
         finally:
             await jetstream.close(nc)
+
+    async def _handle_renewing(self, msgs: list[Msg]) -> None:
+        """handle_batch(msgs), telling JetStream every ack_wait/2 that the batch is still being worked on
+        (a batch that applies slowly, say behind a lock, is not redelivered meanwhile)."""
+        batch = asyncio.ensure_future(self.handle_batch(msgs))
+        while not (await asyncio.wait({batch}, timeout=self._settings.ack_wait / 2))[0]:
+            for msg in msgs:
+                with contextlib.suppress(Exception):  # acked meanwhile, or the connection broke: harmless
+                    await msg.in_progress()
+        batch.result()
 
     async def next_batch(self, sub: JetStreamContext.PullSubscription, timeout: float) -> list[Msg]:
         """Up to projector_batch events, or [] when none arrived within timeout seconds.
