@@ -117,7 +117,7 @@ async def ensure_consumer(nc: NATS, settings: Settings) -> api.ConsumerInfo:
     return await nc.jsm().add_consumer(settings.stream, consumer_config(settings))
 
 
-ROUND_TRIP_TIMEOUT = 2.0  # a health probe's PING must be answered this fast
+ROUND_TRIP_TIMEOUT = 2  # seconds: a health probe's PING must be answered this fast
 
 
 async def unresponsive(nc: NATS | None) -> str | None:
