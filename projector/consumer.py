@@ -34,11 +34,12 @@ from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Histogram
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orders import jetstream, tracing
+from orders import jetstream, outbox_report, tracing
 from orders.config import Settings
 from orders.correlation import child_traceparent
 from orders.db import driver_transaction, is_unavailable
 from orders.events import HEADER_CORRELATION_ID, HEADER_TRACEPARENT, UndecodableEvent, parse_event
+from orders.outbox_report import OutboxReport
 from orders.read_model import CHANGES_CHANNEL
 from projector import dead_letters
 from projector.projections import Change, Item, NeverApplicable, Outcome, apply_events, check_applicable
@@ -153,6 +154,7 @@ class Projector:
         self.consuming = False  # the consumer is set up and subscribed
         self.dead_lettered_total = 0
         self.nc: NATS | None = None
+        self.outbox: OutboxReport | None = None  # the relay's latest report of its unpublished backlog
 
     @staticmethod
     def _record_applied(msg: Msg, item: Item, started_ns: int) -> None:
@@ -184,6 +186,7 @@ class Projector:
     async def run(self, stop: asyncio.Event) -> None:
         nc = self.nc = await jetstream.connect(self._settings, "orders-projector")
         try:
+            await nc.subscribe(outbox_report.SUBJECT, cb=self._on_outbox_report)
             await self._setup(nc)
             js = nc.jetstream(timeout=5)
             sub = await self._subscribe(js)
@@ -202,6 +205,12 @@ class Projector:
                     await self._handle_renewing(msgs)
         finally:
             await jetstream.close(nc)
+
+    async def _on_outbox_report(self, msg: Msg) -> None:
+        try:
+            self.outbox = OutboxReport.decode(msg.data)
+        except ValueError as exc:
+            log.warning("ignoring a malformed outbox report: %s", exc)
 
     async def _handle_renewing(self, msgs: list[Msg]) -> None:
         """handle_batch(msgs), telling JetStream every ack_wait/2 that the batch is still being worked on

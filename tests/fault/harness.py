@@ -66,6 +66,7 @@ class Command:
     customer: str = ""
     lines: tuple[tuple[str, int], ...] = ()
     order_id: str = ""  # place: from the response; cancel: the target
+    consistency_token: str = ""  # from the OK response
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str = ""  # final code: OK, a business rejection, or UNRESOLVED
 
@@ -105,7 +106,7 @@ class Client:
         )
         reply = self._run(command, "PlaceOrder", request, server)
         if reply is not None:
-            command.order_id = reply.order_id
+            command.order_id, command.consistency_token = reply.order_id, reply.consistency_token
         return command
 
     def cancel(self, order_id: str, server: int = 0) -> Command:
