@@ -8,7 +8,9 @@ Invariants:
   never applied early.
 - Errors are classified. Permanent (undecodable, contradicting its envelope, failing on its own):
   dead-lettered at once with its raw bytes and terminated. Transient (database unreachable): the batch
-  is nak'ed with the schedule's delay. A GAP that reaches `max_deliver` deliveries is dead-lettered
+  is held, its ack deadline renewed, and applied as soon as the database answers again (nak'ed with
+  the schedule's delay instead when the projector stops meanwhile, or when the database answered at
+  once: a lock or statement timeout is not an outage). A GAP that reaches `max_deliver` deliveries is dead-lettered
   only when the stream does not hold its predecessor (if it does, the predecessor is on its way).
   Later events of a dead-lettered aggregate are parked in the dead-letter table instead of retried,
   while other aggregates keep flowing. The consumer itself never gives up on an event (its server-side
@@ -51,6 +53,7 @@ NOTIFY_CHUNK_BYTES = 7000  # PostgreSQL caps a NOTIFY payload at 8000 bytes
 FETCH_TIMEOUT = 1.0  # a fetch waits this long for the first event of a batch
 FETCH_RETRY_DELAY = 0.5  # pause after a fetch that failed (not one that found nothing)
 LEFTOVER_FETCH_TIMEOUT = 0.1  # a last fetch on a subscription about to be replaced
+OUTAGE_RECHECK_FIRST, OUTAGE_RECHECK_MAX = 0.1, 1.0  # seconds between checks of a read database that is down
 # This many empty fetches in a row (each waits FETCH_TIMEOUT) → check the subscription is still alive.
 # Counted in fetches, not seconds: a process that was frozen (SIGSTOP, a VM pause) has not been idle.
 STALL_CHECK_FETCHES = 15
@@ -155,6 +158,7 @@ class Projector:
         self.dead_lettered_total = 0
         self.nc: NATS | None = None
         self.outbox: OutboxReport | None = None  # the relay's latest report of its unpublished backlog
+        self._stopping = asyncio.Event()  # run()'s stop event, once it runs
 
     @staticmethod
     def _record_applied(msg: Msg, item: Item, started_ns: int) -> None:
@@ -184,6 +188,7 @@ class Projector:
         return schedule[min(max(deliveries, 1), len(schedule)) - 1]
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stopping = stop
         nc = self.nc = await jetstream.connect(self._settings, "orders-projector")
         try:
             await nc.subscribe(outbox_report.SUBJECT, cb=self._on_outbox_report)
@@ -304,7 +309,9 @@ class Projector:
             letters = await self._apply(msgs, items, rejected, give_up=False)
             letters += await self._settle_gaps(msgs, items)
         except Exception as exc:
-            if is_unavailable(exc) or len(msgs) == 1:
+            if is_unavailable(exc) and await self._outage_over():
+                await self.handle_batch(msgs)  # the read database was down and answers again: at once
+            elif is_unavailable(exc) or len(msgs) == 1:
                 await self._retry_later(msgs, exc)
             else:  # one event may be failing the whole batch: find it by applying them one at a time
                 log.warning("batch of %d failed (%s); applying its events one by one", len(msgs), exc)
@@ -390,6 +397,29 @@ class Projector:
             log.warning("cannot look up the predecessor of stream sequence %d (%s); waiting for it", item.seq, exc)
             return True
         return True  # too many events to look through: wait rather than give up on an event that may come
+
+    async def _outage_over(self) -> bool:
+        """After a batch failed as unavailable: hold it while the read database does not answer, and say
+        True once it answers again, so that the batch is applied at once instead of waiting for a nak's
+        delay (its ack deadline is renewed meanwhile by _handle_renewing). False when the database
+        answers right away (the failure was not an outage: lock or statement timeouts, deadlocks) or
+        the projector is stopping: then the batch is nak'ed with the back-off."""
+        delay, was_down = OUTAGE_RECHECK_FIRST, False
+        while not self._stopping.is_set():
+            try:
+                async with driver_transaction(self._engine) as conn:
+                    await conn.execute("SELECT 1")
+                return was_down
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    return False
+                if not was_down:
+                    log.warning("read database unavailable (%s); holding the batch until it answers", exc)
+                was_down = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, OUTAGE_RECHECK_MAX)
+        return False
 
     async def _retry_later(self, msgs: list[Msg], exc: Exception) -> None:
         """Transient failure (or a lone event failing for a reason not yet known): nak with back-off.
