@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import resource
 import signal
 import sys
 import time
@@ -96,6 +98,7 @@ def run_service(serve: Callable[[Settings], Coroutine[Any, Any, None]], name: st
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
+    raise_open_files_limit()
     tracing.setup(name)
     try:
         asyncio.run(serve(settings))
@@ -107,6 +110,19 @@ def run_service(serve: Callable[[Settings], Coroutine[Any, Any, None]], name: st
         raise SystemExit(2) from None
     finally:
         tracing.shutdown()
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (every client connection holds one;
+    container runtimes often start processes at a soft 1024); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft < 4096:
+        logging.getLogger("orders").warning("at most %d open files: as many client connections at the most", soft)
+    return soft
 
 
 def stop_event() -> asyncio.Event:
