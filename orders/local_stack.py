@@ -272,7 +272,9 @@ def start_postgres(
 
     def ready() -> bool:
         if not process.alive():
-            raise RuntimeError(f"PostgreSQL exited during start-up:\n{process.log_tail()}")
+            raise RuntimeError(
+                f"PostgreSQL exited during start-up (code {process.proc.returncode}):\n{process.log_tail()}"
+            )
         return (
             subprocess.run(
                 [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q"], check=False

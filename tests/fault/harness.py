@@ -153,8 +153,9 @@ class Client:
 
 class Load:
     """Worker threads sending PlaceOrder (70%) and CancelOrder (30%, each worker cancels only orders
-    it placed, once) until `total` commands were started or stop() is called. A command already
-    started is retried to its end even after stop()."""
+    it placed, once) until `total` commands were started or stop() is called, as fast as they are
+    answered or, with `rate`, that many commands per second per worker. A command already started is
+    retried to its end even after stop()."""
 
     def __init__(
         self,
@@ -165,8 +166,10 @@ class Load:
         total: int | None = None,
         workers: int = 4,
         seed: int = 1,
+        rate: float | None = None,
     ) -> None:
         self.client, self.skus, self.customers, self.total = client, skus, customers, total
+        self.interval = 1.0 / rate if rate else 0.0  # seconds between the starts of one worker's commands
         self._started = itertools.count()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._work, args=(seed + i, i), daemon=True) for i in range(workers)]
@@ -175,8 +178,12 @@ class Load:
     def _work(self, seed: int, index: int) -> None:
         rng = random.Random(seed)
         placed: list[str] = []
+        next_start = time.monotonic()
         try:
             while not self._stop.is_set() and (self.total is None or next(self._started) < self.total):
+                if self.interval:  # a paced load: the next command starts on schedule (or at once, if late)
+                    next_start += self.interval
+                    self._stop.wait(max(0.0, next_start - time.monotonic()))
                 server = index + len(placed)
                 if placed and rng.random() < 0.3:
                     self.client.cancel(placed.pop(rng.randrange(len(placed))), server)

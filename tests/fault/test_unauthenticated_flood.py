@@ -79,7 +79,8 @@ def test_a_flood_of_unauthenticated_calls_costs_only_a_bounded_amount(
         auth_tokens=f"loadgen orders:write,inventory:write,orders:read,admin {TOKEN}",
         client_token=TOKEN,
     )
-    with harness.loaded_system(settings, tmp_path, "u", workers=1) as (system, client, load):
+    # A steady but light authenticated load (20 commands/s): the flood, not the load, is under test.
+    with harness.loaded_system(settings, tmp_path, "u", workers=1, rate=20) as (system, client, load):
         service = system.processes["command"]
         metrics_url = f"http://{settings.command_metrics_addr}/metrics"
         log = service.log_path
