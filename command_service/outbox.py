@@ -33,15 +33,16 @@ from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 
-from orders import jetstream
+from orders import jetstream, outbox_report
 from orders.config import Settings
 from orders.db import libpq_url
+from orders.runtime import Throttle
 
 log = logging.getLogger(__name__)
 
 RELAY_LOCK_KEY = 0x6F72646572730001  # pg_advisory_lock key: "orders" + relay id 1
 CLEANUP_BATCH = 5000
-BACKLOG_CHECK_INTERVAL = 5.0
+BACKLOG_LOG_INTERVAL = 10.0  # seconds between log lines about a backlog
 RETRY_BASE_DELAY = 0.2
 RETRY_MAX_DELAY = 5.0
 
@@ -53,6 +54,7 @@ PUBLISH_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
 )
 BACKLOG = Gauge("orders_outbox_backlog_events", "Unpublished outbox rows, measured every few seconds by the leader")
+OLDEST = Gauge("orders_outbox_oldest_unpublished_seconds", "Age of the oldest unpublished outbox row (0 when none)")
 
 
 class RoundOutcome(enum.Enum):
@@ -75,11 +77,20 @@ class OutboxRelay:
         self.is_leader = False
         self._nc: NATS | None = None
         self._failing: str | None = None  # why the last round failed; None once a round succeeds
+        self.backlog: tuple[int, float] = (0, 0.0)  # unpublished rows and the oldest one's age, last measured
+        self._backlog_logged = Throttle(BACKLOG_LOG_INTERVAL)
 
     async def probe(self) -> str | None:
-        """Health probe: None while connected to NATS and the last round did not fail."""
-        if self._nc is None or not self._nc.is_connected:
-            return "outbox relay not connected to NATS"
+        """Health probe: None while NATS answers, the last round did not fail, and the backlog stays
+        within the lag alert thresholds (ORDERS_LAG_ALERT_EVENTS, ORDERS_LAG_ALERT_SECONDS)."""
+        silent = await jetstream.unresponsive(self._nc)
+        if silent:
+            return f"outbox relay: {silent}"
+        waiting, oldest = self.backlog
+        if waiting > self._settings.lag_alert_events or oldest > self._settings.lag_alert_seconds:
+            return f"outbox relay: {waiting} events unpublished, the oldest {oldest:.0f}s old" + (
+                f" ({self._failing})" if self._failing else ""
+            )
         return self._failing
 
     def wake(self) -> None:
@@ -100,7 +111,7 @@ class OutboxRelay:
         nc = self._nc = await jetstream.connect(self._settings, "orders-command-relay")
         try:
             await self._ensure_stream(nc)
-            js = nc.jetstream(timeout=5)
+            js = nc.jetstream(timeout=self._settings.publish_timeout)
             failures = 0
             while True:
                 try:
@@ -156,6 +167,7 @@ class OutboxRelay:
         if not (row and row[0]):
             await conn.close()
             self.is_leader = False
+            self.backlog = (0, 0.0)  # the leader measures and reports it
             return None
         log.info("outbox relay: this process (pid %d) is now the publishing relay", os.getpid())
         self.is_leader = True
@@ -236,11 +248,20 @@ class OutboxRelay:
                     "outbox relay: deleted %d published rows older than %.0fs", deleted, self._settings.outbox_retention
                 )
         if now >= self._next_backlog_check:
-            self._next_backlog_check = now + BACKLOG_CHECK_INTERVAL
-            waiting = await backlog(self._conn)
+            self._next_backlog_check = now + outbox_report.INTERVAL
+            waiting, oldest = await backlog_state(self._conn)
             BACKLOG.set(waiting)
-            if waiting:
-                log.info("outbox relay: backlog of %d unpublished events", waiting)
+            OLDEST.set(oldest)
+            self.backlog = (waiting, oldest)
+            if waiting and self._backlog_logged.allow() is not None:
+                log.info("outbox relay: backlog of %d unpublished events, the oldest %.1fs old", waiting, oldest)
+            await self._report(outbox_report.OutboxReport(waiting, oldest, self._failing, time.time()))
+
+    async def _report(self, report: outbox_report.OutboxReport) -> None:
+        """Tell the projector (core NATS, not the stream) what waits here: it counts it in the lag."""
+        if self._nc is not None and self._nc.is_connected:
+            with contextlib.suppress(Exception):  # a lost report costs freshness only
+                await self._nc.publish(outbox_report.SUBJECT, report.encode())
 
 
 async def delete_published(conn: psycopg.AsyncConnection[Any], retention: float) -> int:
@@ -257,14 +278,18 @@ async def delete_published(conn: psycopg.AsyncConnection[Any], retention: float)
             return total
 
 
-async def backlog(conn: psycopg.AsyncConnection[Any]) -> int:
-    """Number of outbox rows not yet published (for logs and metrics)."""
-    cur = await conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+async def backlog_state(conn: psycopg.AsyncConnection[Any]) -> tuple[int, float]:
+    """Outbox rows not yet published, and the age in seconds of the oldest of them (0 when none); both
+    read from the partial index of unpublished rows."""
+    cur = await conn.execute(
+        "SELECT count(*), coalesce(extract(epoch FROM now() - (SELECT created_at FROM outbox"
+        " WHERE published_at IS NULL ORDER BY id LIMIT 1)), 0)::float8 FROM outbox WHERE published_at IS NULL"
+    )
     row = await cur.fetchone()
-    return int(row[0]) if row else 0
+    return (int(row[0]), max(0.0, float(row[1]))) if row else (0, 0.0)
 
 
 async def backlog_of(settings: Settings) -> int:
     """The backlog, on a connection of its own (for callers outside the relay)."""
     async with await psycopg.AsyncConnection.connect(libpq_url(settings.write_database_url)) as conn:
-        return await backlog(conn)
+        return (await backlog_state(conn))[0]

@@ -113,6 +113,14 @@ class Settings:
         "", str, "`orders create-roles`: password of the orders_projector role.", secret=True
     )
     query_db_password: str = _setting("", str, "`orders create-roles`: password of the orders_query role.", secret=True)
+    nats_ping_interval: float = _setting(
+        3.0,
+        _parse_positive_float,
+        "Seconds between the NATS client's PINGs to its server (liveness of the connection).",
+    )
+    nats_max_outstanding_pings: int = _setting(
+        2, _parse_positive_int, "Unanswered NATS PINGs after which the connection counts as dead and is replaced."
+    )
     nats_user: str = _setting("", str, "NATS user name (with ORDERS_NATS_PASSWORD).")
     nats_password: str = _setting("", str, "NATS password.", secret=True)
     nats_creds_file: str = _setting("", str, "NATS credentials file (JWT and nkey seed), instead of user/password.")
@@ -147,7 +155,12 @@ class Settings:
         60.0, _parse_positive_float, "Seconds between deletions of old published outbox rows."
     )
     projector_batch: int = _setting(256, _parse_positive_int, "Events fetched and applied per transaction.")
-    ack_wait: float = _setting(30.0, _parse_positive_float, "Seconds before an unacked event is redelivered.")
+    ack_wait: float = _setting(
+        5.0, _parse_positive_float, "Seconds before an unacked event is redelivered (a batch still applying renews it)."
+    )
+    publish_timeout: float = _setting(
+        2.0, _parse_positive_float, "Seconds the relay waits for a PubAck; then the publish counts as failed, retried."
+    )
     max_deliver: int = _setting(
         20,
         _parse_positive_int,

@@ -272,7 +272,9 @@ def start_postgres(
 
     def ready() -> bool:
         if not process.alive():
-            raise RuntimeError(f"PostgreSQL exited during start-up:\n{process.log_tail()}")
+            raise RuntimeError(
+                f"PostgreSQL exited during start-up (code {process.proc.returncode}):\n{process.log_tail()}"
+            )
         return (
             subprocess.run(
                 [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q"], check=False
@@ -305,6 +307,7 @@ class LocalNats:
     config_path: Path
     server_name: str = "orders_local"
     extra_config: str = ""
+    jetstream_config: str = ""
 
     @property
     def url(self) -> str:
@@ -313,17 +316,44 @@ class LocalNats:
     def stop(self) -> None:
         self.process.stop(grace=15)
 
+    def reload(self, jetstream_config: str) -> None:
+        """Rewrite the jetstream block's extra settings and have the running server re-read its configuration."""
+        self.jetstream_config = jetstream_config
+        self.config_path.write_text(
+            _nats_config(
+                self.config_path.parent,
+                self.port,
+                self.monitor_port,
+                self.server_name,
+                jetstream_config,
+                self.extra_config,
+            )
+        )
+        self.process.proc.send_signal(signal.SIGHUP)
+
     def restart(self) -> LocalNats:
         """Start the server again (after stop or kill) on the same port, with the same store and config."""
         return start_nats(
-            self.config_path.parent, self.port, extra_config=self.extra_config, server_name=self.server_name
+            self.config_path.parent,
+            self.port,
+            extra_config=self.extra_config,
+            server_name=self.server_name,
+            jetstream_config=self.jetstream_config,
         )
 
 
 def start_nats(
-    data_dir: Path, port: int | None = None, *, extra_config: str = "", server_name: str = "orders_local"
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    extra_config: str = "",
+    server_name: str = "orders_local",
+    jetstream_config: str = "",
 ) -> LocalNats:
-    """Run nats-server with JetStream (file store in data_dir, fsync before every ack) on loopback."""
+    """Run nats-server with JetStream (file store in data_dir, fsync before every ack) on loopback.
+
+    extra_config is appended to the configuration, jetstream_config to its jetstream block (limits such
+    as max_file_store)."""
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     running = _live_pid(data_dir / "nats-server.pid")
@@ -332,7 +362,17 @@ def start_nats(
     port = port or free_port()
     monitor_port = free_port()
     config_path = data_dir / "nats-server.conf"
-    config_path.write_text(
+    config_path.write_text(_nats_config(data_dir, port, monitor_port, server_name, jetstream_config, extra_config))
+    process = _spawn("nats-server", [nats_server_binary(), "-c", str(config_path)], data_dir / "nats-server.log")
+    nats = LocalNats(process, port, monitor_port, config_path, server_name, extra_config, jetstream_config)
+    wait_until(lambda: _nats_healthy(nats), 30, f"nats-server on port {port}")
+    return nats
+
+
+def _nats_config(
+    data_dir: Path, port: int, monitor_port: int, server_name: str, jetstream_config: str, extra_config: str
+) -> str:
+    return (
         f"listen: 127.0.0.1:{port}\n"
         f"http: 127.0.0.1:{monitor_port}\n"
         f"server_name: {server_name}\n"
@@ -341,13 +381,8 @@ def start_nats(
         f'  store_dir: "{data_dir / "jetstream"}"\n'
         # JetStream acks before fsync by default and flushes every 2 minutes; acked events could be
         # lost on an OS crash. Sync every write before acking instead.
-        "  sync_interval: always\n"
-        "}\n" + extra_config
+        "  sync_interval: always\n" + jetstream_config + "}\n" + extra_config
     )
-    process = _spawn("nats-server", [nats_server_binary(), "-c", str(config_path)], data_dir / "nats-server.log")
-    nats = LocalNats(process, port, monitor_port, config_path, server_name, extra_config)
-    wait_until(lambda: _nats_healthy(nats), 30, f"nats-server on port {port}")
-    return nats
 
 
 def cluster_config(name: str, listen_port: int, route_ports: list[int]) -> str:

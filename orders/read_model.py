@@ -84,6 +84,9 @@ projection_checkpoints = sa.Table(
     sa.Column("lag_events", sa.BigInteger),
     sa.Column("lag_seconds", sa.Float),
     sa.Column("lag_measured_at", sa.DateTime(timezone=True)),
+    # Of lag_events and lag_seconds, the part still in the command side's outbox (as its relay reported it)
+    sa.Column("outbox_backlog", sa.BigInteger),
+    sa.Column("outbox_oldest_seconds", sa.Float),
     # order_changes holds every change at or above this sequence (older ones were pruned)
     sa.Column("changes_kept_from", sa.BigInteger, nullable=False, server_default="0"),
 )

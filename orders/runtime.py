@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import math
+import resource
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -53,6 +57,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class Throttle:
+    """Let one event through per interval (a log line, say), and count those held back meanwhile."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._next = -math.inf
+        self._held = 0
+
+    def allow(self) -> int | None:
+        """None when this one is held back; otherwise how many were held back since the last one allowed."""
+        now = self._clock()
+        if now < self._next:
+            self._held += 1
+            return None
+        self._next = now + self._interval
+        held, self._held = self._held, 0
+        return held
+
+
 def configure_logging(level: str, log_format: str = "auto", stream: TextIO | None = None) -> None:
     """Log to stderr: JSON lines ("json"), or readable text ("text"); "auto" picks text on a terminal."""
     stream = stream or sys.stderr
@@ -74,6 +98,7 @@ def run_service(serve: Callable[[Settings], Coroutine[Any, Any, None]], name: st
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
+    raise_open_files_limit()
     tracing.setup(name)
     try:
         asyncio.run(serve(settings))
@@ -85,6 +110,19 @@ def run_service(serve: Callable[[Settings], Coroutine[Any, Any, None]], name: st
         raise SystemExit(2) from None
     finally:
         tracing.shutdown()
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (every client connection holds one;
+    container runtimes often start processes at a soft 1024); returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft < 4096:
+        logging.getLogger("orders").warning("at most %d open files: as many client connections at the most", soft)
+    return soft
 
 
 def stop_event() -> asyncio.Event:

@@ -20,6 +20,7 @@ import grpc
 
 from orders import metrics
 from orders.config import PREFIX, ConfigError, Settings
+from orders.runtime import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ OPEN_SERVICES = (
     "grpc.reflection.v1.ServerReflection",
 )
 MIN_TOKEN_LENGTH = 24
+REFUSAL_LOG_INTERVAL = 10.0  # seconds between log lines about refused calls (the rest are counted)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: Sequence[Token], open_health: bool) -> None:
         self._tokens = list(tokens)
         self._open_health = open_health
+        self._refusals_logged = Throttle(REFUSAL_LOG_INTERVAL)
 
     def _find(self, presented: str) -> Token | None:
         digest = _digest(presented)
@@ -134,18 +137,35 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         token = self._find(presented) if presented else None
         handler = await continuation(details)
         if token is None:
-            return _refusal(handler, details.method, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
+            return self._refuse(
+                handler, details.method, grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token"
+            )
         if scope is not None and scope not in token.scopes:
             reason = f"the token {token.name!r} lacks the scope {scope!r}"
-            return _refusal(handler, details.method, grpc.StatusCode.PERMISSION_DENIED, reason)
+            return self._refuse(handler, details.method, grpc.StatusCode.PERMISSION_DENIED, reason)
         return handler
 
+    def _refuse(self, handler: Any, method: str, code: grpc.StatusCode, reason: str) -> Any:
+        """Count and (at most every REFUSAL_LOG_INTERVAL seconds) log a refusal; the refusing handler.
 
-def _refusal(handler: Any, method: str, code: grpc.StatusCode, reason: str) -> Any:
+        The method name is the caller's choice: only methods the server has become a metric label
+        (the rest share "unknown"), and log lines are throttled, so that a flood of refused calls
+        costs neither memory nor disk beyond a constant.
+        """
+        service, _, name = method.lstrip("/").rpartition("/")
+        if handler is None:
+            service, name = "unknown", "unknown"
+        metrics.RPCS.labels(service.rpartition(".")[2], name, code.name).inc()
+        skipped = self._refusals_logged.allow()
+        if skipped is not None:
+            also = f" ({skipped} more refused since the last such line)" if skipped else ""
+            shown = "".join(c if c.isprintable() else "?" for c in method[:200])
+            log.warning("refused %s: %s%s", shown, reason, also)
+        return _refusal(handler, code, reason)
+
+
+def _refusal(handler: Any, code: grpc.StatusCode, reason: str) -> Any:
     """A handler of the same shape as handler that answers code without running anything."""
-    service, _, name = method.lstrip("/").rpartition("/")
-    metrics.RPCS.labels(service.rpartition(".")[2], name, code.name).inc()
-    log.warning("refused %s: %s", method, reason)
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, reason)

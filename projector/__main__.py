@@ -31,7 +31,7 @@ async def housekeeping(projector: Projector, settings: Settings, engine: db.Asyn
         try:
             async with driver_transaction(engine) as conn:
                 if projector.nc is not None and projector.nc.is_connected:
-                    measured = await lag.measure(projector.nc, settings)
+                    measured = await lag.measure(projector.nc, settings, projector.outbox)
                     await lag.record(conn, PROJECTION_NAME, measured)
                     set_projection_lag(measured.events, measured.seconds)
                 await prune_changes(conn, settings.change_retention)

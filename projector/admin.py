@@ -97,7 +97,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def GetProjectionLag(
         self, request: admin_pb2.GetProjectionLagRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetProjectionLagResponse:
-        measured = await lag.measure(self._nats(), self._settings)
+        measured = await lag.measure(self._nats(), self._settings, self._projector.outbox)
         async with driver_transaction(self._engine) as conn:
             cur = await conn.execute("SELECT count(*) FROM dead_letters")
             count = (await cur.fetchone() or (0,))[0]
@@ -108,6 +108,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             lag_seconds=measured.seconds,
             ack_pending=measured.ack_pending,
             dead_letters=count,
+            unpublished_events=measured.unpublished,
+            oldest_unpublished_seconds=measured.unpublished_seconds,
         )
 
     @rpc

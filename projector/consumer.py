@@ -8,7 +8,9 @@ Invariants:
   never applied early.
 - Errors are classified. Permanent (undecodable, contradicting its envelope, failing on its own):
   dead-lettered at once with its raw bytes and terminated. Transient (database unreachable): the batch
-  is nak'ed with the schedule's delay. A GAP that reaches `max_deliver` deliveries is dead-lettered
+  is held, its ack deadline renewed, and applied as soon as the database answers again (nak'ed with
+  the schedule's delay instead when the projector stops meanwhile, or when the database answered at
+  once: a lock or statement timeout is not an outage). A GAP that reaches `max_deliver` deliveries is dead-lettered
   only when the stream does not hold its predecessor (if it does, the predecessor is on its way).
   Later events of a dead-lettered aggregate are parked in the dead-letter table instead of retried,
   while other aggregates keep flowing. The consumer itself never gives up on an event (its server-side
@@ -34,11 +36,12 @@ from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Histogram
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orders import jetstream, tracing
+from orders import jetstream, outbox_report, tracing
 from orders.config import Settings
 from orders.correlation import child_traceparent
 from orders.db import driver_transaction, is_unavailable
 from orders.events import HEADER_CORRELATION_ID, HEADER_TRACEPARENT, UndecodableEvent, parse_event
+from orders.outbox_report import OutboxReport
 from orders.read_model import CHANGES_CHANNEL
 from projector import dead_letters
 from projector.projections import Change, Item, NeverApplicable, Outcome, apply_events, check_applicable
@@ -49,7 +52,11 @@ PROJECTION_NAME = "order_summaries"
 NOTIFY_CHUNK_BYTES = 7000  # PostgreSQL caps a NOTIFY payload at 8000 bytes
 FETCH_TIMEOUT = 1.0  # a fetch waits this long for the first event of a batch
 FETCH_RETRY_DELAY = 0.5  # pause after a fetch that failed (not one that found nothing)
-STALL_CHECK_SECONDS = 15.0  # empty fetches for this long → check the subscription is still alive
+LEFTOVER_FETCH_TIMEOUT = 0.1  # a last fetch on a subscription about to be replaced
+OUTAGE_RECHECK_FIRST, OUTAGE_RECHECK_MAX = 0.1, 1.0  # seconds between checks of a read database that is down
+# This many empty fetches in a row (each waits FETCH_TIMEOUT) → check the subscription is still alive.
+# Counted in fetches, not seconds: a process that was frozen (SIGSTOP, a VM pause) has not been idle.
+STALL_CHECK_FETCHES = 15
 CONFLICT_RETRY_DELAY = 0.05
 GAP_RECHECKS = 20  # in-process re-checks of a batch's GAP events, while they make progress
 GAP_RECHECK_PAUSE = 0.02
@@ -150,6 +157,8 @@ class Projector:
         self.consuming = False  # the consumer is set up and subscribed
         self.dead_lettered_total = 0
         self.nc: NATS | None = None
+        self.outbox: OutboxReport | None = None  # the relay's latest report of its unpublished backlog
+        self._stopping = asyncio.Event()  # run()'s stop event, once it runs
 
     @staticmethod
     def _record_applied(msg: Msg, item: Item, started_ns: int) -> None:
@@ -166,9 +175,10 @@ class Projector:
             )
 
     async def probe(self) -> str | None:
-        """Health probe: None while connected to NATS with the consumer set up."""
-        if self.nc is None or not self.nc.is_connected:
-            return "not connected to NATS"
+        """Health probe: None while NATS answers and the consumer is set up."""
+        silent = await jetstream.unresponsive(self.nc)
+        if silent:
+            return silent
         return (
             None if self.consuming else f"waiting for the stream {self._settings.stream} (the command side creates it)"
         )
@@ -178,25 +188,44 @@ class Projector:
         return schedule[min(max(deliveries, 1), len(schedule)) - 1]
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stopping = stop
         nc = self.nc = await jetstream.connect(self._settings, "orders-projector")
         try:
+            await nc.subscribe(outbox_report.SUBJECT, cb=self._on_outbox_report)
             await self._setup(nc)
             js = nc.jetstream(timeout=5)
             sub = await self._subscribe(js)
             self.consuming = True
-            idle_since = time.monotonic()
+            empty_fetches = 0
             while not stop.is_set():
                 msgs = await self.next_batch(sub, FETCH_TIMEOUT)
                 if not msgs:
-                    if time.monotonic() - idle_since > STALL_CHECK_SECONDS:
+                    empty_fetches += 1
+                    if empty_fetches >= STALL_CHECK_FETCHES:
                         sub = await self._check_stalled(nc, js, sub)
-                        idle_since = time.monotonic()
+                        empty_fetches = 0
                     continue
-                idle_since = time.monotonic()
+                empty_fetches = 0
                 with BATCH_SECONDS.time():
-                    await self.handle_batch(msgs)
+                    await self._handle_renewing(msgs)
         finally:
             await jetstream.close(nc)
+
+    async def _on_outbox_report(self, msg: Msg) -> None:
+        try:
+            self.outbox = OutboxReport.decode(msg.data)
+        except ValueError as exc:
+            log.warning("ignoring a malformed outbox report: %s", exc)
+
+    async def _handle_renewing(self, msgs: list[Msg]) -> None:
+        """handle_batch(msgs), telling JetStream every ack_wait/2 that the batch is still being worked on
+        (a batch that applies slowly, say behind a lock, is not redelivered meanwhile)."""
+        batch = asyncio.ensure_future(self.handle_batch(msgs))
+        while not (await asyncio.wait({batch}, timeout=self._settings.ack_wait / 2))[0]:
+            for msg in msgs:
+                with contextlib.suppress(Exception):  # acked meanwhile, or the connection broke: harmless
+                    await msg.in_progress()
+        batch.result()
 
     async def next_batch(self, sub: JetStreamContext.PullSubscription, timeout: float) -> list[Msg]:
         """Up to projector_batch events, or [] when none arrived within timeout seconds.
@@ -234,20 +263,35 @@ class Projector:
     ) -> JetStreamContext.PullSubscription:
         """Watchdog: a pull subscription can stop receiving after a server restart (nats.py #504).
 
-        When fetches come back empty although the consumer has pending events, subscribe again.
+        When fetches keep coming back empty although the consumer has events to deliver, subscribe
+        again, but only while nothing is delivered and unacknowledged: events delivered to this
+        subscription and still on their way (say, read from the socket after a pause of this
+        process) would be dropped with it, and come back only after ack_wait. Whatever the old
+        subscription still holds is applied before it goes.
         """
         try:
             info = await sub.consumer_info()
         except Exception as exc:
-            log.warning("watchdog: consumer info unavailable (%s); re-creating consumer", exc)
-            await self._setup(nc)
-            await sub.unsubscribe()
-            return await self._subscribe(js)
-        if (info.num_pending or 0) > 0:
-            log.warning("watchdog: %d events pending but none fetched; re-subscribing", info.num_pending)
-            await sub.unsubscribe()
-            return await self._subscribe(js)
+            log.warning("watchdog: consumer info unavailable (%s: %s); setting it up again", type(exc).__name__, exc)
+            await self._setup(nc)  # the subscription is only our inbox: it serves a re-created consumer too
+            return sub
+        pending, in_flight = info.num_pending or 0, info.num_ack_pending or 0
+        if pending and not in_flight:
+            log.warning("watchdog: %d events pending but none fetched; subscribing again", pending)
+            return await self._resubscribe(js, sub)
+        if pending:
+            log.info("watchdog: %d events pending, %d delivered and not yet acknowledged; waiting", pending, in_flight)
         return sub
+
+    async def _resubscribe(
+        self, js: JetStreamContext, sub: JetStreamContext.PullSubscription
+    ) -> JetStreamContext.PullSubscription:
+        """A new pull subscription, after applying what the old one had already received."""
+        leftover = await self.next_batch(sub, LEFTOVER_FETCH_TIMEOUT)
+        if leftover:
+            await self.handle_batch(leftover)
+        await sub.unsubscribe()
+        return await self._subscribe(js)
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         """Apply msgs in one transaction, then ack, nak or terminate each one."""
@@ -265,7 +309,9 @@ class Projector:
             letters = await self._apply(msgs, items, rejected, give_up=False)
             letters += await self._settle_gaps(msgs, items)
         except Exception as exc:
-            if is_unavailable(exc) or len(msgs) == 1:
+            if is_unavailable(exc) and await self._outage_over():
+                await self.handle_batch(msgs)  # the read database was down and answers again: at once
+            elif is_unavailable(exc) or len(msgs) == 1:
                 await self._retry_later(msgs, exc)
             else:  # one event may be failing the whole batch: find it by applying them one at a time
                 log.warning("batch of %d failed (%s); applying its events one by one", len(msgs), exc)
@@ -351,6 +397,29 @@ class Projector:
             log.warning("cannot look up the predecessor of stream sequence %d (%s); waiting for it", item.seq, exc)
             return True
         return True  # too many events to look through: wait rather than give up on an event that may come
+
+    async def _outage_over(self) -> bool:
+        """After a batch failed as unavailable: hold it while the read database does not answer, and say
+        True once it answers again, so that the batch is applied at once instead of waiting for a nak's
+        delay (its ack deadline is renewed meanwhile by _handle_renewing). False when the database
+        answers right away (the failure was not an outage: lock or statement timeouts, deadlocks) or
+        the projector is stopping: then the batch is nak'ed with the back-off."""
+        delay, was_down = OUTAGE_RECHECK_FIRST, False
+        while not self._stopping.is_set():
+            try:
+                async with driver_transaction(self._engine) as conn:
+                    await conn.execute("SELECT 1")
+                return was_down
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    return False
+                if not was_down:
+                    log.warning("read database unavailable (%s); holding the batch until it answers", exc)
+                was_down = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, OUTAGE_RECHECK_MAX)
+        return False
 
     async def _retry_later(self, msgs: list[Msg], exc: Exception) -> None:
         """Transient failure (or a lone event failing for a reason not yet known): nak with back-off.

@@ -11,6 +11,7 @@ from nats.aio.client import Client as NATS
 
 from orders.config import Settings
 from orders.events import parse_event
+from orders.outbox_report import OutboxReport
 
 
 @dataclass(frozen=True)
@@ -18,12 +19,15 @@ class Lag:
     stream_last_seq: int
     ack_floor_seq: int
     ack_pending: int
-    events: int  # stream last sequence - ack floor
-    seconds: float  # age of the oldest event not yet acknowledged; 0 when caught up
+    events: int  # events not yet applied: unpublished in the outbox + (stream last sequence - ack floor)
+    seconds: float  # age of the oldest event not yet applied, in the outbox or the stream; 0 when caught up
+    unpublished: int = 0  # of events, those still in the outbox (as the relay last reported)
+    unpublished_seconds: float = 0.0  # age of the oldest of them
 
 
-async def measure(nc: NATS, settings: Settings) -> Lag:
-    """Ask JetStream: events behind = stream last sequence - the consumer's ack floor."""
+async def measure(nc: NATS, settings: Settings, outbox: OutboxReport | None = None) -> Lag:
+    """Ask JetStream: events behind = stream last sequence - the consumer's ack floor; add what the relay's
+    last fresh report says still waits in the outbox (the projector cannot see the write database)."""
     jsm = nc.jsm()
     stream = await jsm.stream_info(settings.stream)
     consumer = await jsm.consumer_info(settings.stream, settings.consumer)
@@ -38,14 +42,17 @@ async def measure(nc: NATS, settings: Settings) -> Lag:
             seconds = max(0.0, time.time() - occurred)
         except Exception:  # deleted, or undecodable: the count alone must do
             seconds = 0.0
-    return Lag(last, floor or 0, consumer.num_ack_pending or 0, behind, seconds)
+    waiting, waited = (outbox.backlog, outbox.oldest_seconds) if outbox is not None and outbox.fresh() else (0, 0.0)
+    return Lag(last, floor or 0, consumer.num_ack_pending or 0, behind + waiting, max(seconds, waited), waiting, waited)
 
 
 async def record(conn: psycopg.AsyncConnection[Any], projection: str, lag: Lag) -> None:
     """Store the measurement where the query service reads it for its health status."""
     await conn.execute(
         "INSERT INTO projection_checkpoints (projection, last_stream_seq, updated_at, lag_events, lag_seconds,"
-        " lag_measured_at) VALUES (%s, 0, now(), %s, %s, now()) ON CONFLICT (projection) DO UPDATE SET"
-        " lag_events = EXCLUDED.lag_events, lag_seconds = EXCLUDED.lag_seconds, lag_measured_at = now()",
-        (projection, lag.events, lag.seconds),
+        " lag_measured_at, outbox_backlog, outbox_oldest_seconds) VALUES (%s, 0, now(), %s, %s, now(), %s, %s)"
+        " ON CONFLICT (projection) DO UPDATE SET lag_events = EXCLUDED.lag_events, lag_seconds = EXCLUDED.lag_seconds,"
+        " lag_measured_at = now(), outbox_backlog = EXCLUDED.outbox_backlog,"
+        " outbox_oldest_seconds = EXCLUDED.outbox_oldest_seconds",
+        (projection, lag.events, lag.seconds, lag.unpublished, lag.unpublished_seconds),
     )

@@ -62,11 +62,17 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
         except consistency.InvalidToken as exc:
             raise InvalidArgument([FieldViolation("consistency_token", str(exc))]) from None
         remaining = context.time_remaining()
-        budget = self._read_wait_max if remaining is None else min(self._read_wait_max, max(remaining - 0.05, 0))
+        budget = self._read_wait_max if remaining is None else min(self._read_wait_max, max(remaining - 0.1, 0))
         if not await self._feed.wait_for(versions, budget):
+            waiting, oldest = await self._read_model.unpublished()
+            why = (
+                f"{waiting} events are not yet published from the command side's outbox (the oldest {oldest:.0f}s "
+                "old), so the projection cannot have them"
+                if waiting
+                else "projection behind"
+            )
             raise Unavailable(
-                f"the read model has not caught up with the consistency token within {budget:.2f}s "
-                "(projection behind); retry later"
+                f"the read model has not caught up with the consistency token within {budget:.2f}s ({why}); retry later"
             )
 
     @rpc

@@ -187,6 +187,11 @@ CHANGES_OF_CUSTOMER_SQL = (
 POSITIONS_SQL = "SELECT last_stream_seq, changes_kept_from FROM projection_checkpoints"
 ORDER_VERSIONS_SQL = "SELECT order_id, version FROM order_summaries WHERE order_id = ANY(%s)"
 PRODUCT_VERSIONS_SQL = "SELECT sku, version FROM product_views WHERE sku = ANY(%s)"
+UNPUBLISHED_SQL = (
+    "SELECT coalesce(outbox_backlog, 0) AS backlog, coalesce(outbox_oldest_seconds, 0) AS oldest"
+    " FROM projection_checkpoints"
+    " WHERE lag_measured_at > now() - interval '30 seconds'"
+)
 
 
 def create_pool(url: str, size: int, timeout: float) -> AsyncConnectionPool:
@@ -332,6 +337,12 @@ class ReadModel:
         """(highest stream sequence applied, first sequence from which the change log is complete)."""
         rows = await self._rows(POSITIONS_SQL, ())
         return (0, 0) if not rows else (int(rows[0][0]), int(rows[0][1]))
+
+    async def unpublished(self) -> tuple[int, float]:
+        """(events still in the command side's outbox, age of the oldest), as the projector's last lag
+        report (of the last 30 s) gave them; (0, 0) when there is none."""
+        rows = await self._rows(UNPUBLISHED_SQL, ())
+        return (0, 0.0) if not rows else (int(rows[0][0]), float(rows[0][1]))
 
     async def versions(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """Current read-model versions of the named aggregates (absent ones are left out)."""

@@ -25,20 +25,24 @@ class GetProjectionLagRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetProjectionLagResponse(_message.Message):
-    __slots__ = ("stream_last_sequence", "ack_floor_sequence", "lag_events", "lag_seconds", "ack_pending", "dead_letters")
+    __slots__ = ("stream_last_sequence", "ack_floor_sequence", "lag_events", "lag_seconds", "ack_pending", "dead_letters", "unpublished_events", "oldest_unpublished_seconds")
     STREAM_LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ACK_FLOOR_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LAG_EVENTS_FIELD_NUMBER: _ClassVar[int]
     LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ACK_PENDING_FIELD_NUMBER: _ClassVar[int]
     DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
+    UNPUBLISHED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_UNPUBLISHED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     stream_last_sequence: int
     ack_floor_sequence: int
     lag_events: int
     lag_seconds: float
     ack_pending: int
     dead_letters: int
-    def __init__(self, stream_last_sequence: _Optional[int] = ..., ack_floor_sequence: _Optional[int] = ..., lag_events: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., ack_pending: _Optional[int] = ..., dead_letters: _Optional[int] = ...) -> None: ...
+    unpublished_events: int
+    oldest_unpublished_seconds: float
+    def __init__(self, stream_last_sequence: _Optional[int] = ..., ack_floor_sequence: _Optional[int] = ..., lag_events: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., ack_pending: _Optional[int] = ..., dead_letters: _Optional[int] = ..., unpublished_events: _Optional[int] = ..., oldest_unpublished_seconds: _Optional[float] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("id", "stream_sequence", "subject", "aggregate_type", "aggregate_id", "aggregate_version", "status", "reason", "deliveries", "created_at", "payload", "event")

@@ -30,7 +30,7 @@ import grpc
 import psycopg
 
 from command_service.outbox import backlog_of
-from orders import jetstream, local_stack
+from orders import jetstream, local_stack, security
 from orders.config import Settings
 from orders.db import libpq_url
 from orders.v1 import commands_pb2, commands_pb2_grpc
@@ -66,6 +66,7 @@ class Command:
     customer: str = ""
     lines: tuple[tuple[str, int], ...] = ()
     order_id: str = ""  # place: from the response; cancel: the target
+    consistency_token: str = ""  # from the OK response
     attempts: list[Attempt] = field(default_factory=list)
     outcome: str = ""  # final code: OK, a business rejection, or UNRESOLVED
 
@@ -85,7 +86,8 @@ class Client:
     """Commands with a deadline on every call, retried with the same request_id on UNAVAILABLE or
     DEADLINE_EXCEEDED (spread over the given servers), and recorded in a shared ledger."""
 
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        self.metadata = metadata  # e.g. the bearer token, when the system requires one
         self.channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
         self.stubs = [commands_pb2_grpc.CommandServiceStub(c) for c in self.channels]
         self.ledger: list[Command] = []
@@ -104,7 +106,7 @@ class Client:
         )
         reply = self._run(command, "PlaceOrder", request, server)
         if reply is not None:
-            command.order_id = reply.order_id
+            command.order_id, command.consistency_token = reply.order_id, reply.consistency_token
         return command
 
     def cancel(self, order_id: str, server: int = 0) -> Command:
@@ -121,7 +123,7 @@ class Client:
             stub = self.stubs[(server + attempt) % len(self.stubs)]
             sent = time.monotonic()
             try:
-                reply = getattr(stub, method)(request, timeout=CALL_DEADLINE)
+                reply = getattr(stub, method)(request, timeout=CALL_DEADLINE, metadata=self.metadata)
             except grpc.RpcError as exc:
                 code = exc.code()
                 command.attempts.append(Attempt(code.name, time.monotonic() - sent))
@@ -151,8 +153,9 @@ class Client:
 
 class Load:
     """Worker threads sending PlaceOrder (70%) and CancelOrder (30%, each worker cancels only orders
-    it placed, once) until `total` commands were started or stop() is called. A command already
-    started is retried to its end even after stop()."""
+    it placed, once) until `total` commands were started or stop() is called, as fast as they are
+    answered or, with `rate`, that many commands per second per worker. A command already started is
+    retried to its end even after stop()."""
 
     def __init__(
         self,
@@ -163,8 +166,10 @@ class Load:
         total: int | None = None,
         workers: int = 4,
         seed: int = 1,
+        rate: float | None = None,
     ) -> None:
         self.client, self.skus, self.customers, self.total = client, skus, customers, total
+        self.interval = 1.0 / rate if rate else 0.0  # seconds between the starts of one worker's commands
         self._started = itertools.count()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._work, args=(seed + i, i), daemon=True) for i in range(workers)]
@@ -173,8 +178,12 @@ class Load:
     def _work(self, seed: int, index: int) -> None:
         rng = random.Random(seed)
         placed: list[str] = []
+        next_start = time.monotonic()
         try:
             while not self._stop.is_set() and (self.total is None or next(self._started) < self.total):
+                if self.interval:  # a paced load: the next command starts on schedule (or at once, if late)
+                    next_start += self.interval
+                    self._stop.wait(max(0.0, next_start - time.monotonic()))
                 server = index + len(placed)
                 if placed and rng.random() < 0.3:
                     self.client.cancel(placed.pop(rng.randrange(len(placed))), server)
@@ -269,7 +278,7 @@ class System:
         """Products with INITIAL_STOCK each, created through the command service."""
         self.skus = [f"F{i:02d}-{uuid.uuid4().hex[:6]}" for i in range(products)]
         for sku in self.skus:
-            add_product(client.stubs[0], sku, stock=INITIAL_STOCK)
+            add_product(client.stubs[0], sku, stock=INITIAL_STOCK, metadata=client.metadata)
         return self.skus
 
 
@@ -294,8 +303,9 @@ def loaded_system(
 ) -> Iterator[tuple[System, Client, Load]]:
     """The usual scenario: a system of its own with one command service and one projector on settings
     (after adopting the given processes, so that they are stopped with it), a seeded catalog, and a
-    load over 50 customers named <customers><n>, not started yet."""
-    client = Client([settings.command_addr])
+    load over 50 customers named <customers><n>, not started yet. With authentication on, the client
+    sends settings.client_token."""
+    client = Client([settings.command_addr], security.call_metadata(settings))
     with system(settings, log_dir) as running, contextlib.closing(client):
         for name, proc in (adopt or {}).items():
             running.adopt(name, proc)
@@ -488,6 +498,15 @@ def fetch(url: str) -> str:
     """The body of an HTTP GET (a metrics page)."""
     with urllib.request.urlopen(url, timeout=5) as response:
         return str(response.read().decode())
+
+
+def metric(url: str, sample: str) -> float:
+    """One sample's value from a metrics page (name with its labels, as exposed); 0 when absent."""
+    for line in fetch(url).splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
 
 
 def health(address: str, service: str = "") -> str | None:

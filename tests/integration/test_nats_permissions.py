@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -12,10 +13,12 @@ import grpc
 import nats
 import psycopg
 import pytest
+from nats.aio.msg import Msg
 
-from orders import jetstream, local_stack
+from orders import jetstream, local_stack, outbox_report
 from orders.config import Settings
 from orders.db import libpq_url
+from orders.outbox_report import OutboxReport
 from orders.v1 import commands_pb2_grpc
 from tests.support import Infra, add_product, eventually, isolated_settings, migrate, new_sku, place, start_serving
 
@@ -78,6 +81,16 @@ def test_each_service_can_do_its_part_and_nothing_else(
                 outcome["stream still holds 4 events"] = (
                     await nc.jsm().stream_info("ORDERS_EVENTS")
                 ).state.messages == 4
+                reports: asyncio.Queue[OutboxReport] = asyncio.Queue()
+
+                async def hear(msg: Msg) -> None:
+                    await reports.put(OutboxReport.decode(msg.data))
+
+                await nc.subscribe(outbox_report.SUBJECT, cb=hear)
+                forged = OutboxReport(12345, 1.0, None, time.time())
+                await nc.publish(outbox_report.SUBJECT, forged.encode())
+                heard = [await asyncio.wait_for(reports.get(), 10) for _ in range(2)]  # reports come every 2 s
+                outcome["projector hears the relay's outbox reports"] = all(r.backlog < 100 for r in heard)
             finally:
                 await jetstream.close(nc)
             nc = await jetstream.connect(command, "snoop", retry_forever=False)
@@ -106,6 +119,7 @@ def test_each_service_can_do_its_part_and_nothing_else(
             "projector publishes an event": False,
             "projector deletes the stream": False,
             "stream still holds 4 events": True,  # product upsert, stock, order, stock change
+            "projector hears the relay's outbox reports": True,  # and not its own forged one
             "command creates a consumer": False,
             "wrong password connects": False,
         }

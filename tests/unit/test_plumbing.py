@@ -133,3 +133,15 @@ def test_a_service_with_a_bad_setting_stops_at_once_naming_the_variable(module: 
     assert result.returncode == 2
     assert "configuration error: ORDERS_LOG_FORMAT='xml' is invalid: expected one of auto, json, text" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_throttle_lets_one_through_per_interval_and_counts_the_rest() -> None:
+    from orders.runtime import Throttle
+
+    now = [100.0]
+    throttle = Throttle(10.0, clock=lambda: now[0])
+    assert throttle.allow() == 0
+    assert [throttle.allow() for _ in range(5)] == [None] * 5
+    now[0] += 10.0
+    assert throttle.allow() == 5
+    assert throttle.allow() is None
