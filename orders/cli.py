@@ -671,7 +671,7 @@ class _NatsUnreachable(Exception):
 
 async def _verify_stream(settings: Settings) -> Any:
     from orders import jetstream
-    from projector.verify import verify_stream
+    from projector.verify import StreamUnreadable, verify_stream
 
     try:
         nc = await jetstream.connect(settings, "orders-verify", retry_forever=False)
@@ -679,6 +679,8 @@ async def _verify_stream(settings: Settings) -> Any:
         raise _NatsUnreachable(f"{type(exc).__name__}: {exc}") from None
     try:
         return await verify_stream(nc, settings.stream)
+    except StreamUnreadable as exc:
+        raise _NatsUnreachable(str(exc)) from None
     finally:
         await jetstream.close(nc)
 

@@ -12,12 +12,15 @@ the projector dead-letters them, and the read-model comparison shows what they h
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 import psycopg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -27,6 +30,12 @@ from orders.db import libpq_url
 from orders.events import HEADER_MSG_ID, SUBJECT_WILDCARD, UndecodableEvent, parse_event
 
 STREAM_FETCH_BATCH = 1000
+STREAM_STALL_SECONDS = 30.0  # reading the stream gives up after this long without a message
+
+
+class StreamUnreadable(RuntimeError):
+    """The stream could not be read to its end (no message for STREAM_STALL_SECONDS)."""
+
 
 _WRITE_ORDERS = """
 SELECT o.id::text, o.customer_id, o.status, o.total_minor, o.currency, o.cancel_reason, o.version, o.created_at,
@@ -128,12 +137,22 @@ async def _stream_messages(nc: NATS, stream: str) -> AsyncIterator[Msg]:
         inactive_threshold=60.0,
     )
     sub = await js.pull_subscribe(SUBJECT_WILDCARD, stream=stream, config=config)
+    progress_at = time.monotonic()
     try:
         while True:
             try:
                 msgs = await sub.fetch(STREAM_FETCH_BATCH, timeout=2.0)
-            except nats.errors.TimeoutError:
+            except (TimeoutError, nats.js.errors.ServiceUnavailableError) as exc:
+                # Nothing yet, or (in a cluster, while leaders move) no consumer leader to answer: try again,
+                # for a while.
+                if time.monotonic() - progress_at > STREAM_STALL_SECONDS:
+                    raise StreamUnreadable(
+                        f"no message of stream {stream} for {STREAM_STALL_SECONDS:.0f}s ({type(exc).__name__})"
+                    ) from None
+                if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+                    await asyncio.sleep(0.5)
                 continue
+            progress_at = time.monotonic()
             for msg in msgs:
                 yield msg
                 if msg.metadata.sequence.stream >= last or not msg.metadata.num_pending:

@@ -375,5 +375,7 @@ def verify_cli(settings: Settings) -> tuple[int, dict[str, Any]]:
         text=True,
         timeout=120,
     )
+    if done.returncode == 3:  # a database or NATS could not be reached (yet): no report
+        return done.returncode, {"unreachable": done.stderr.strip()}
     assert done.stdout, done.stderr
     return done.returncode, json.loads(done.stdout)

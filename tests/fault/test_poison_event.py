@@ -67,7 +67,10 @@ def dead_letters(settings: Settings) -> list[tuple[int, str, int, str, int | Non
 
 
 def only_differences_of(order_id: str, report: dict[str, object]) -> set[str]:
-    """The fields verify reports for order_id, or {'other'} when it reports anything else too."""
+    """The fields verify reports for order_id, or {'other'} when it reports anything else too (or could
+    not report: a server unreachable for the moment)."""
+    if "differences" not in report:
+        return {"other"}
     fields = set()
     for line in report["differences"]:  # type: ignore[attr-defined]
         prefix = f"order {order_id}: "
