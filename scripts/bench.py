@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,10 @@ from typing import Any
 from bench_common import (
     ROOT,
     LocalSystem,
+    collect_results,
     cpu_by_component,
+    cpu_seconds,
+    gather_results,
     local_system,
     machine,
     median,
@@ -94,42 +98,49 @@ async def raw_sql(url: str, concurrency: int, seconds: float) -> dict[str, float
             "SELECT unnest(%s::text[]), 'raw', 100, 'EUR', 1000000000, 1 ON CONFLICT DO NOTHING",
             (SKUS,),
         )
+    conns = [await psycopg.AsyncConnection.connect(libpq_url(url)) for _ in range(concurrency)]
+    backends = [conn.info.backend_pid for conn in conns]  # PostgreSQL's processes serving these callers
     latencies: list[float] = []
-    deadline = time.monotonic() + seconds
 
-    async def worker(seed: int) -> None:
+    async def worker(conn: psycopg.AsyncConnection[Any], seed: int, deadline: float) -> None:
         rng = random.Random(seed)
-        async with await psycopg.AsyncConnection.connect(libpq_url(url)) as conn:
-            while time.monotonic() < deadline:
-                started = time.perf_counter()
-                order_id, skus = str(uuid.uuid4()), sorted(rng.sample(SKUS, 3))
-                async with conn.transaction():
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            order_id, skus = str(uuid.uuid4()), sorted(rng.sample(SKUS, 3))
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO orders (id, customer_id, status, total_minor, currency, version, created_at,"
+                    " updated_at) VALUES (%s, 'raw', 'PLACED', 300, 'EUR', 1, now(), now())",
+                    (order_id,),
+                )
+                for line, sku in enumerate(skus):
                     await conn.execute(
-                        "INSERT INTO orders (id, customer_id, status, total_minor, currency, version, created_at,"
-                        " updated_at) VALUES (%s, 'raw', 'PLACED', 300, 'EUR', 1, now(), now())",
-                        (order_id,),
+                        "INSERT INTO order_items (order_id, line_no, sku, name, quantity, unit_price_minor)"
+                        " VALUES (%s, %s, %s, 'raw', 1, 100)",
+                        (order_id, line, sku),
                     )
-                    for line, sku in enumerate(skus):
-                        await conn.execute(
-                            "INSERT INTO order_items (order_id, line_no, sku, name, quantity, unit_price_minor)"
-                            " VALUES (%s, %s, %s, 'raw', 1, 100)",
-                            (order_id, line, sku),
-                        )
-                    for sku in skus:
-                        await conn.execute(
-                            "UPDATE products SET stock = stock - 1, version = version + 1"
-                            " WHERE sku = %s AND stock >= 1",
-                            (sku,),
-                        )
+                for sku in skus:
                     await conn.execute(
-                        "INSERT INTO outbox (event_id, subject, headers, payload) VALUES (%s, 'raw', '{}', %s)",
-                        (str(uuid.uuid4()), b"x" * 300),
+                        "UPDATE products SET stock = stock - 1, version = version + 1 WHERE sku = %s AND stock >= 1",
+                        (sku,),
                     )
-                latencies.append(time.perf_counter() - started)
+                await conn.execute(
+                    "INSERT INTO outbox (event_id, subject, headers, payload) VALUES (%s, 'raw', '{}', %s)",
+                    (str(uuid.uuid4()), b"x" * 300),
+                )
+            latencies.append(time.perf_counter() - started)
 
-    started = time.monotonic()
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    return summary(latencies, time.monotonic() - started)
+    try:
+        cpu_before = time.process_time() + sum(cpu_seconds(pid) for pid in backends)
+        started = time.monotonic()
+        await asyncio.gather(*(worker(conn, i, started + seconds) for i, conn in enumerate(conns)))
+        elapsed = time.monotonic() - started
+        cpu_used = time.process_time() + sum(cpu_seconds(pid) for pid in backends) - cpu_before
+    finally:
+        for conn in conns:
+            await conn.close()
+    # CPU of the client (this process) and of the PostgreSQL backends that served it, per transaction
+    return {**summary(latencies, elapsed), "cpu_ms_per_tx": cpu_used / max(len(latencies), 1) * 1000}
 
 
 # --- 2. commands over gRPC ------------------------------------------------------------------------
@@ -250,9 +261,11 @@ def drive(system: LocalSystem, args: argparse.Namespace, rate: float, visibility
     started = time.monotonic()
     for proc in procs:
         proc.start()
-    lags, memory = asyncio.run(sample_while(system, [p for p in procs], started))
+    outputs: list[dict[str, Any]] = []
+    lags, memory = asyncio.run(
+        sample_while(system, started, lambda: gather_results(results, procs, outputs))  # read as they run
+    )
     cpu_after = cpu_by_component(system)
-    outputs = [results.get(timeout=120) for _ in procs]
     for proc in procs:
         proc.join(30)
     elapsed = max(out["seconds"] for out in outputs)  # the load's span (process start-up excluded)
@@ -290,14 +303,15 @@ def rss_mb(pid: int) -> float:
 
 
 async def sample_while(
-    system: LocalSystem, procs: list[Any], started: float
+    system: LocalSystem, started: float, done: Callable[[], bool]
 ) -> tuple[list[tuple[float, int]], dict[str, float]]:
-    """Every 0.5 s until procs end: the projection lag in events, and each service's resident memory."""
+    """Every 0.5 s until done(): the projection lag in events, and each service's resident memory; then
+    the lag until the projector has caught up."""
     nc = await jetstream.connect(system.settings, "bench-lag", retry_forever=False)
     lags: list[tuple[float, int]] = []
     memory: dict[str, float] = {}
     try:
-        while any(p.is_alive() for p in procs):
+        while not done():
             lags.append((time.monotonic() - started, (await lag.measure(nc, system.settings)).events))
             for proc in system.processes:
                 memory[proc.name] = max(memory.get(proc.name, 0.0), rss_mb(proc.pid))
@@ -479,10 +493,8 @@ def query_bench(system: LocalSystem, args: argparse.Namespace, run: int) -> dict
             procs = [ctx.Process(target=query_process, args=(job, results)) for job in jobs]
             for proc in procs:
                 proc.start()
-            outs = [results.get(timeout=120) for _ in procs]
+            outs = collect_results(results, procs, timeout=args.seconds + 120)
             elapsed = max(out["seconds"] for out in outs)
-            for proc in procs:
-                proc.join(30)
             report[kind] = summary([v for out in outs for v in out["latencies"]], elapsed)
             if kind == "ListOrderSummaries":
                 report[kind]["rows_per_second"] = sum(out["rows"] for out in outs) / elapsed
@@ -561,6 +573,8 @@ def ratios(run: dict[str, Any]) -> dict[str, float]:
         "placeorder_vs_raw_sql": place / run["raw_sql"]["per_second"],
         "projected_vs_raw_consume": drained / run["raw_jetstream"]["consume_per_second"],
         "get_vs_noop_call": run["queries"]["GetOrderSummary"]["per_second"] / run["queries"]["NoOpCall"]["per_second"],
+        # CPU per command over every process (clients included) / CPU per raw transaction (client + backends)
+        "cpu_vs_raw_tx": sum(run["commands_max"]["cpu_ms_per_command"].values()) / run["raw_sql"]["cpu_ms_per_tx"],
     }
 
 
@@ -631,6 +645,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "raw_sql_tx_per_s": ["raw_sql", "per_second"],
         "raw_sql_p50_ms": ["raw_sql", "p50_ms"],
         "raw_sql_p99_ms": ["raw_sql", "p99_ms"],
+        "raw_sql_cpu_ms_per_tx": ["raw_sql", "cpu_ms_per_tx"],
         "commands_per_s": ["commands_max", "commands_per_second"],
         "visibility_p50_ms": ["commands_paced", "visibility_ms", "p50"],
         "visibility_p99_ms": ["commands_paced", "visibility_ms", "p99"],
@@ -649,10 +664,12 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     result["placeorder_vs_raw_sql"] = median([ratios(r)["placeorder_vs_raw_sql"] for r in runs])
     result["projected_vs_raw_consume"] = median([ratios(r)["projected_vs_raw_consume"] for r in runs])
     result["get_vs_noop_call"] = median([ratios(r)["get_vs_noop_call"] for r in runs])
+    result["cpu_vs_raw_tx"] = median([ratios(r)["cpu_vs_raw_tx"] for r in runs])
     components = sorted({name for r in runs for name in r["commands_max"]["cpu_ms_per_command"]})
     result["cpu_ms_per_command"] = {
         name: median([r["commands_max"]["cpu_ms_per_command"].get(name, 0.0) for r in runs]) for name in components
     }
+    result["cpu_ms_per_command_total"] = median([sum(r["commands_max"]["cpu_ms_per_command"].values()) for r in runs])
     for service in ("command_service", "projector", "query_service"):
         result[f"{service}_max_rss_mb"] = max(r["commands_max"]["max_rss_mb"].get(service, 0.0) for r in runs)
     return result
@@ -673,6 +690,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"p50 {m['raw_sql_p50_ms']:.1f} / p99 {m['raw_sql_p99_ms']:.1f} ms",
         ),
         ("ratio PlaceOrder / raw SQL", f"{m['placeorder_vs_raw_sql']:.2f}", ""),
+        (
+            "CPU per command, all processes / CPU per raw transaction (client + PostgreSQL)",
+            f"{m['cpu_ms_per_command_total']:.2f} / {m['raw_sql_cpu_ms_per_tx']:.2f} ms",
+            f"ratio {m['cpu_vs_raw_tx']:.2f}",
+        ),
         (
             "CancelOrder",
             f"{m['CancelOrder_per_second']:,.0f}/s",

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import os
 import platform
+import queue
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,3 +157,35 @@ def machine() -> dict[str, Any]:
         "postgres": postgres,
         "nats_server": nats,
     }
+
+
+def gather_results(results: Any, procs: Sequence[Any], outputs: list[Any]) -> bool:
+    """Move whatever client processes have sent on `results` into outputs; True once each sent its one.
+
+    Results must be read while the processes run: a child cannot exit before the data it queued has been
+    read from the pipe, so waiting for it to exit first deadlocks once a result exceeds the pipe buffer.
+    Raises if a process ended with an error before sending its result.
+    """
+    while True:
+        try:
+            outputs.append(results.get_nowait())
+        except queue.Empty:
+            break
+    if len(outputs) < len(procs):
+        failed = [p for p in procs if p.exitcode not in (None, 0)]
+        if failed:
+            raise RuntimeError(f"client process {failed[0].pid} exited with {failed[0].exitcode} before its result")
+    return len(outputs) >= len(procs)
+
+
+def collect_results(results: Any, procs: Sequence[Any], timeout: float) -> list[Any]:
+    """Every process's one result (read as they arrive), then the processes joined."""
+    outputs: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while not gather_results(results, procs, outputs):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(procs) - len(outputs)} client processes sent no result within {timeout:g}s")
+        time.sleep(0.05)
+    for proc in procs:
+        proc.join(30)
+    return outputs

@@ -30,7 +30,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench_common import ROOT, LocalSystem, local_system, machine, median, percentile, seed_products
+from bench_common import (
+    ROOT,
+    LocalSystem,
+    collect_results,
+    local_system,
+    machine,
+    median,
+    percentile,
+    seed_products,
+)
 
 sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
@@ -170,7 +179,7 @@ def run_once(
         load = drive(system, customers, skus, rate, seconds)
         time.sleep(1.0)  # changes committed last are still on their way to the watchers
         stop.set()
-        outputs = [results.get(timeout=60) for _ in procs]
+        outputs = collect_results(results, procs, timeout=60)
     finally:
         stop.set()
         for proc in procs:
