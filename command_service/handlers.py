@@ -1,33 +1,34 @@
 """Command handlers: one write-database transaction each, events written to the outbox in it.
 
-Every handler follows the same shape inside one `engine.begin()`:
-  1. claim the request_id (or return the stored response of an earlier identical request),
-  2. apply the rule with row-level guards (conditional updates, SELECT … FOR UPDATE),
-  3. bump versions, insert outbox rows and store the response, commit.
-Nothing is published inside the transaction; the relay does that after commit.
+Every command runs on the pooled connection's psycopg driver connection in two round trips (pipeline
+mode), through `CommandHandlers._transact`:
+  1. BEGIN, claim the request_id, and the command's reads, which lock what it changes;
+  2. after the rule has been decided in Python on what those reads returned: the writes, the outbox
+     rows and the stored response, COMMIT.
+A claim that conflicts rolls everything back and answers with the response the earlier identical
+request stored; a rule that fails (not found, version conflict, not enough stock) raises between the
+two round trips, which rolls back too, so bad input writes nothing. Nothing is published inside the
+transaction; the relay does that after commit.
 
 Lock order, which keeps concurrent commands deadlock-free: an order row before product rows, and
-product rows in ascending SKU order.
+product rows in ascending SKU order (every read that locks several products sorts them).
 """
 
 from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
-import sqlalchemy as sa
 from google.protobuf.message import Message
 from psycopg.types.json import Jsonb
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from command_service import domain
-from command_service.schema import idempotency_keys, order_items, orders, outbox, products
 from orders import consistency
 from orders.db import driver_transaction
 from orders.errors import FailedPrecondition, NotFound, RequestIdReused, VersionConflict
@@ -35,6 +36,8 @@ from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_eve
 from orders.v1 import commands_pb2, common_pb2, events_pb2
 
 R = TypeVar("R", bound=Message)
+Statement = tuple[str, Sequence[Any]]
+Rows = list[tuple[Any, ...]]
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,15 @@ class CommandContext:
         )
 
 
+@dataclass
+class Decision:
+    """What a command decided on its reads: the writes of its second round trip, its events, its answer."""
+
+    response: Message
+    events: list[OutgoingEvent]
+    writes: list[Statement] = field(default_factory=list)
+
+
 def request_hash(request: Message) -> bytes:
     """Fingerprint of a request's payload, request_id excluded (same payload → same hash)."""
     body = type(request)()
@@ -62,46 +74,8 @@ def request_hash(request: Message) -> bytes:
     return hashlib.sha256(body.SerializeToString(deterministic=True)).digest()
 
 
-async def _claim(conn: AsyncConnection, command: str, request: Message, parse: Callable[[bytes], R]) -> R | None:
-    """Claim request_id for this transaction, or return the response an identical request stored.
-
-    The insert waits for a concurrent transaction holding the same request_id, so two racing
-    identical requests yield one effect and one stored response.
-    """
-    request_id = request.request_id  # type: ignore[attr-defined]
-    digest = request_hash(request)
-    claimed = await conn.execute(
-        pg_insert(idempotency_keys)
-        .values(request_id=request_id, command=command, request_hash=digest)
-        .on_conflict_do_nothing()
-        .returning(idempotency_keys.c.request_id)
-    )
-    if claimed.first() is not None:
-        return None
-    row = (
-        await conn.execute(
-            sa.select(idempotency_keys.c.command, idempotency_keys.c.request_hash, idempotency_keys.c.response).where(
-                idempotency_keys.c.request_id == request_id
-            )
-        )
-    ).one()
-    if row.command != command or bytes(row.request_hash) != digest or row.response is None:
-        raise RequestIdReused(f"request_id {request_id!r} was already used for a different request")
-    return parse(bytes(row.response))
-
-
-async def _finish(conn: AsyncConnection, request_id: str, events: list[OutgoingEvent], response: Message) -> None:
-    await conn.execute(
-        outbox.insert(),
-        [dict(event_id=e.event_id, subject=e.subject, headers=e.headers, payload=e.payload) for e in events],
-    )
-    await conn.execute(
-        idempotency_keys.update()
-        .where(idempotency_keys.c.request_id == request_id)
-        .values(response=response.SerializeToString())
-    )
-
-
+# The claim waits for a concurrent transaction holding the same request_id, so two racing identical
+# requests yield one effect and one stored response.
 CLAIM_SQL = (
     "INSERT INTO idempotency_keys (request_id, command, request_hash) VALUES (%s, %s, %s) "
     "ON CONFLICT DO NOTHING RETURNING request_id"
@@ -125,6 +99,28 @@ INSERT_ITEMS_SQL = (
     "INSERT INTO order_items (order_id, line_no, sku, name, quantity, unit_price_minor) "
     "SELECT %s, * FROM unnest(%s::int[], %s::text[], %s::text[], %s::bigint[], %s::bigint[])"
 )
+LOCK_ORDER_SQL = "SELECT status, version FROM orders WHERE id = %s FOR UPDATE"
+# After the order row (lock order): its products in SKU order, with the units the order holds of each.
+LOCK_ORDER_PRODUCTS_SQL = """
+WITH held AS (SELECT sku, sum(quantity)::bigint AS quantity FROM order_items WHERE order_id = %s GROUP BY sku)
+SELECT p.sku, p.stock, p.version, held.quantity FROM products p JOIN held USING (sku) ORDER BY p.sku FOR UPDATE OF p
+"""
+CANCEL_ORDER_SQL = "UPDATE orders SET status = %s, cancel_reason = %s, version = %s, updated_at = %s WHERE id = %s"
+# Rows already locked by the first round trip: set them to exactly what the events say.
+SET_STOCK_SQL = """
+UPDATE products p SET stock = s.stock, version = s.version, updated_at = %s
+  FROM unnest(%s::text[], %s::bigint[], %s::bigint[]) AS s(sku, stock, version)
+ WHERE p.sku = s.sku
+"""
+LOCK_PRODUCT_SQL = "SELECT stock, version FROM products WHERE sku = %s FOR UPDATE"
+# Creates the product when missing (waiting for a concurrent creator); returns a row only when it did.
+CREATE_PRODUCT_SQL = (
+    "INSERT INTO products (sku, name, unit_price_minor, currency, stock, version, created_at, updated_at) "
+    "VALUES (%s, %s, %s, %s, 0, 1, %s, %s) ON CONFLICT DO NOTHING RETURNING version"
+)
+UPDATE_PRODUCT_SQL = (
+    "UPDATE products SET name = %s, unit_price_minor = %s, currency = %s, version = %s, updated_at = %s WHERE sku = %s"
+)
 INSERT_OUTBOX_SQL = (
     "INSERT INTO outbox (event_id, subject, headers, payload) "
     "SELECT * FROM unnest(%s::uuid[], %s::text[], %s::jsonb[], %s::bytea[])"
@@ -136,8 +132,8 @@ class _AlreadyClaimed(Exception):
     """The request_id is taken (by an earlier identical request, or a different one): roll back."""
 
 
-async def _insert_outbox(conn: psycopg.AsyncConnection[Any], events: list[OutgoingEvent]) -> None:
-    await conn.execute(
+def _outbox_rows(events: list[OutgoingEvent]) -> Statement:
+    return (
         INSERT_OUTBOX_SQL,
         (
             [e.event_id for e in events],
@@ -177,45 +173,63 @@ class CommandHandlers:
         self._engine = engine
         self._on_commit = on_commit
 
+    async def _transact(
+        self,
+        command: str,
+        request: Message,
+        parse: Callable[[bytes], R],
+        reads: list[Statement],
+        decide: Callable[[psycopg.AsyncConnection[Any], list[Rows]], Awaitable[Decision]],
+    ) -> R:
+        """Claim the request_id and run `reads` (round trip 1), let `decide` judge their rows and raise or
+        return the writes, events and response, then write those, the outbox rows and the stored
+        response and commit (round trip 2). The invariants: one effect per request_id, nothing written
+        when decide raises, the outbox rows in the same transaction as the change they describe."""
+        request_id = request.request_id  # type: ignore[attr-defined]
+        digest = request_hash(request)
+        try:
+            async with driver_transaction(self._engine) as conn:
+                async with conn.pipeline():
+                    claim = await conn.execute(CLAIM_SQL, (request_id, command, digest))
+                    cursors = [await conn.execute(sql, params) for sql, params in reads]
+                if await claim.fetchone() is None:
+                    raise _AlreadyClaimed
+                decision = await decide(conn, [await cur.fetchall() for cur in cursors])
+                async with conn.pipeline():
+                    for sql, params in [*decision.writes, _outbox_rows(decision.events)]:
+                        await conn.execute(sql, params)
+                    await conn.execute(STORE_RESPONSE_SQL, (decision.response.SerializeToString(), request_id))
+                    await conn.commit()
+        except _AlreadyClaimed:
+            return await self._stored(request, command, digest, parse)
+        self._on_commit()
+        return decision.response  # type: ignore[return-value]
+
     async def place_order(
         self, request: commands_pb2.PlaceOrderRequest, ctx: CommandContext
     ) -> commands_pb2.PlaceOrderResponse:
         """Reserve stock for every line (all or none), then record the order and its events.
 
-        The hottest command, so it runs on the driver connection in two round trips (psycopg pipeline
-        mode): (1) BEGIN, claim the request_id, reserve every line in one statement that locks the
-        products in SKU order; (2) the order, its items, the outbox rows, the stored response, COMMIT.
-        The invariants are those of the other commands: all lines or none (a reservation short of
-        any line rolls everything back), no overselling (`stock >= quantity` is re-checked on the
-        locked row), one effect per request_id (a claim that conflicts rolls back and answers with
-        the stored response).
+        The reservation is one statement that locks the products in SKU order and takes each line's
+        quantity only where `stock >= quantity` on the locked row (no overselling); a reservation short
+        of any line rolls everything back.
         """
         domain.validate_place_order(request)
         quantities = {line.sku: line.quantity for line in request.lines}
         skus = sorted(quantities)  # ascending SKU order: no deadlock between orders
-        digest = request_hash(request)
         now = datetime.now(UTC)
-        try:
-            async with driver_transaction(self._engine) as conn:
-                async with conn.pipeline():
-                    claim = await conn.execute(CLAIM_SQL, (request.request_id, "PlaceOrder", digest))
-                    reserve = await conn.execute(RESERVE_SQL, (skus, [quantities[s] for s in skus], now))
-                if await claim.fetchone() is None:
-                    raise _AlreadyClaimed
-                reserved = {row[0]: row for row in await reserve.fetchall()}
-                if len(reserved) < len(skus):
-                    await _explain_short_reservation(conn, skus, quantities, reserved)
-                response, order_row, items, events = self._placed(request, ctx, reserved, quantities, now)
-                async with conn.pipeline():
-                    await conn.execute(INSERT_ORDER_SQL, order_row)
-                    await conn.execute(INSERT_ITEMS_SQL, items)
-                    await _insert_outbox(conn, events)
-                    await conn.execute(STORE_RESPONSE_SQL, (response.SerializeToString(), request.request_id))
-                    await conn.commit()
-        except _AlreadyClaimed:
-            return await self._stored(request, "PlaceOrder", digest, commands_pb2.PlaceOrderResponse.FromString)
-        self._on_commit()
-        return response
+
+        async def decide(conn: psycopg.AsyncConnection[Any], rows: list[Rows]) -> Decision:
+            reserved = {row[0]: row for row in rows[0]}
+            if len(reserved) < len(skus):
+                await _explain_short_reservation(conn, skus, quantities, reserved)
+            response, order_row, items, events = self._placed(request, ctx, reserved, quantities, now)
+            return Decision(response, events, [(INSERT_ORDER_SQL, order_row), (INSERT_ITEMS_SQL, items)])
+
+        reserve = (RESERVE_SQL, (skus, [quantities[s] for s in skus], now))
+        return await self._transact(
+            "PlaceOrder", request, commands_pb2.PlaceOrderResponse.FromString, [reserve], decide
+        )
 
     def _placed(
         self,
@@ -302,202 +316,123 @@ class CommandHandlers:
         """Cancel a PLACED order and give its units back to stock."""
         domain.validate_cancel_order(request)
         order_id = request.order_id.lower()
-        async with self._engine.begin() as conn:
-            stored = await _claim(conn, "CancelOrder", request, commands_pb2.CancelOrderResponse.FromString)
-            if stored is not None:
-                return stored
-            order = (
-                await conn.execute(
-                    sa.select(orders.c.status, orders.c.version).where(orders.c.id == order_id).with_for_update()
-                )
-            ).first()
-            if order is None:
+
+        async def decide(conn: psycopg.AsyncConnection[Any], rows: list[Rows]) -> Decision:
+            order, held = rows
+            if not order:
                 raise NotFound(f"order {order_id} does not exist")
-            if request.HasField("expected_version") and request.expected_version != order.version:
-                raise VersionConflict(f"order {order_id}", request.expected_version, order.version)
-            if order.status != domain.ORDER_PLACED:
+            status, current = order[0]
+            if request.HasField("expected_version") and request.expected_version != current:
+                raise VersionConflict(f"order {order_id}", request.expected_version, current)
+            if status != domain.ORDER_PLACED:
                 raise FailedPrecondition(
-                    f"order {order_id} is {order.status}, only a PLACED order can be cancelled",
+                    f"order {order_id} is {status}, only a PLACED order can be cancelled",
                     "ORDER_NOT_PLACED",
                     f"orders/{order_id}",
                 )
-            items = (
-                await conn.execute(
-                    sa.select(
-                        order_items.c.sku, sa.cast(sa.func.sum(order_items.c.quantity), sa.BigInteger).label("quantity")
-                    )
-                    .where(order_items.c.order_id == order_id)
-                    .group_by(order_items.c.sku)
-                    .order_by(order_items.c.sku)
-                )
-            ).all()
             now = datetime.now(UTC)
-            version = order.version + 1
-            await conn.execute(
-                orders.update()
-                .where(orders.c.id == order_id)
-                .values(status=domain.ORDER_CANCELLED, cancel_reason=request.reason, version=version, updated_at=now)
-            )
+            version = current + 1
             meta = ctx.events_at(now)
-            events = [
+            cancelled = events_pb2.OrderCancelled(reason=request.reason, cancelled_at=timestamp(now))
+            events = [build_event(meta, ORDER, order_id, version, order_cancelled=cancelled)]
+            released = [
+                (sku, stock + quantity, product_version + 1, quantity) for sku, stock, product_version, quantity in held
+            ]
+            events += [
                 build_event(
                     meta,
-                    ORDER,
-                    order_id,
-                    version,
-                    order_cancelled=events_pb2.OrderCancelled(reason=request.reason, cancelled_at=timestamp(now)),
+                    PRODUCT,
+                    sku,
+                    new_version,
+                    stock_released=events_pb2.StockReleased(order_id=order_id, quantity=quantity, stock=stock),
                 )
+                for sku, stock, new_version, quantity in released  # ascending SKU order
             ]
-            versions = {(ORDER, order_id): version}
-            for item in items:  # ascending SKU order
-                row = (
-                    await conn.execute(
-                        products.update()
-                        .where(products.c.sku == item.sku)
-                        .values(stock=products.c.stock + item.quantity, version=products.c.version + 1, updated_at=now)
-                        .returning(products.c.stock, products.c.version)
-                    )
-                ).one()
-                versions[(PRODUCT, item.sku)] = row.version
-                events.append(
-                    build_event(
-                        meta,
-                        PRODUCT,
-                        item.sku,
-                        row.version,
-                        stock_released=events_pb2.StockReleased(
-                            order_id=order_id, quantity=item.quantity, stock=row.stock
-                        ),
-                    )
-                )
+            versions = {(ORDER, order_id): version} | {(PRODUCT, r[0]): r[2] for r in released}
             response = commands_pb2.CancelOrderResponse(
                 order_id=order_id, version=version, consistency_token=consistency.encode(versions)
             )
-            await _finish(conn, request.request_id, events, response)
-        self._on_commit()
-        return response
+            writes: list[Statement] = [
+                (CANCEL_ORDER_SQL, (domain.ORDER_CANCELLED, request.reason, version, now, order_id)),
+                (SET_STOCK_SQL, (now, [r[0] for r in released], [r[1] for r in released], [r[2] for r in released])),
+            ]
+            return Decision(response, events, writes)
+
+        reads: list[Statement] = [(LOCK_ORDER_SQL, (order_id,)), (LOCK_ORDER_PRODUCTS_SQL, (order_id,))]
+        return await self._transact("CancelOrder", request, commands_pb2.CancelOrderResponse.FromString, reads, decide)
 
     async def update_inventory(
         self, request: commands_pb2.UpdateInventoryRequest, ctx: CommandContext
     ) -> commands_pb2.UpdateInventoryResponse:
         """Change stock by a delta or to a level; stock never goes below zero."""
         domain.validate_update_inventory(request)
-        async with self._engine.begin() as conn:
-            stored = await _claim(conn, "UpdateInventory", request, commands_pb2.UpdateInventoryResponse.FromString)
-            if stored is not None:
-                return stored
-            product = await self._lock_product(conn, request.sku)
-            if product is None:
-                raise NotFound(f"product {request.sku!r} is not in the catalog")
-            if request.HasField("expected_version") and request.expected_version != product.version:
-                raise VersionConflict(f"product {request.sku!r}", request.expected_version, product.version)
-            new_stock = product.stock + request.delta if request.WhichOneof("change") == "delta" else request.set_level
+        sku = request.sku
+
+        async def decide(conn: psycopg.AsyncConnection[Any], rows: list[Rows]) -> Decision:
+            if not rows[0]:
+                raise NotFound(f"product {sku!r} is not in the catalog")
+            stock, current = rows[0][0]
+            if request.HasField("expected_version") and request.expected_version != current:
+                raise VersionConflict(f"product {sku!r}", request.expected_version, current)
+            new_stock = stock + request.delta if request.WhichOneof("change") == "delta" else request.set_level
             if new_stock < 0:
                 raise FailedPrecondition(
-                    f"stock of {request.sku!r} would become {new_stock}; it is {product.stock}",
-                    "INSUFFICIENT_STOCK",
-                    request.sku,
+                    f"stock of {sku!r} would become {new_stock}; it is {stock}", "INSUFFICIENT_STOCK", sku
                 )
             if new_stock > domain.MAX_STOCK:
-                raise FailedPrecondition(
-                    f"stock of {request.sku!r} would exceed {domain.MAX_STOCK}", "STOCK_LIMIT", request.sku
-                )
+                raise FailedPrecondition(f"stock of {sku!r} would exceed {domain.MAX_STOCK}", "STOCK_LIMIT", sku)
             now = datetime.now(UTC)
-            version = product.version + 1
-            await conn.execute(
-                products.update()
-                .where(products.c.sku == request.sku)
-                .values(stock=new_stock, version=version, updated_at=now)
-            )
-            event = build_event(
-                ctx.events_at(now),
-                PRODUCT,
-                request.sku,
-                version,
-                inventory_adjusted=events_pb2.InventoryAdjusted(delta=new_stock - product.stock, stock=new_stock),
-            )
+            version = current + 1
+            adjusted = events_pb2.InventoryAdjusted(delta=new_stock - stock, stock=new_stock)
+            event = build_event(ctx.events_at(now), PRODUCT, sku, version, inventory_adjusted=adjusted)
             response = commands_pb2.UpdateInventoryResponse(
-                sku=request.sku,
+                sku=sku,
                 version=version,
                 stock=new_stock,
-                consistency_token=consistency.encode({(PRODUCT, request.sku): version}),
+                consistency_token=consistency.encode({(PRODUCT, sku): version}),
             )
-            await _finish(conn, request.request_id, [event], response)
-        self._on_commit()
-        return response
+            return Decision(response, [event], [(SET_STOCK_SQL, (now, [sku], [new_stock], [version]))])
+
+        return await self._transact(
+            "UpdateInventory",
+            request,
+            commands_pb2.UpdateInventoryResponse.FromString,
+            [(LOCK_PRODUCT_SQL, (sku,))],
+            decide,
+        )
 
     async def upsert_product(
         self, request: commands_pb2.UpsertProductRequest, ctx: CommandContext
     ) -> commands_pb2.UpsertProductResponse:
         """Create a product (version 1, no stock) or change its name and price."""
         domain.validate_upsert_product(request)
-        price = request.unit_price
-        async with self._engine.begin() as conn:
-            stored = await _claim(conn, "UpsertProduct", request, commands_pb2.UpsertProductResponse.FromString)
-            if stored is not None:
-                return stored
-            now = datetime.now(UTC)
-            product = await self._lock_product(conn, request.sku)
-            if product is None:
-                created = (
-                    await conn.execute(
-                        pg_insert(products)
-                        .values(
-                            sku=request.sku,
-                            name=request.name,
-                            unit_price_minor=price.minor_units,
-                            currency=price.currency_code,
-                            stock=0,
-                            version=1,
-                            created_at=now,
-                            updated_at=now,
-                        )
-                        .on_conflict_do_nothing()
-                        .returning(products.c.version)
-                    )
-                ).first()
-                if created is None:  # a concurrent request created it first: update that row instead
-                    product = await self._lock_product(conn, request.sku)
-            current = 0 if product is None else product.version
-            if request.HasField("expected_version") and request.expected_version != current:
-                raise VersionConflict(f"product {request.sku!r}", request.expected_version, current)
-            if product is None:
-                version, stock = 1, 0
-            else:
-                version, stock = current + 1, product.stock
-                await conn.execute(
-                    products.update()
-                    .where(products.c.sku == request.sku)
-                    .values(
-                        name=request.name,
-                        unit_price_minor=price.minor_units,
-                        currency=price.currency_code,
-                        version=version,
-                        updated_at=now,
-                    )
-                )
-            event = build_event(
-                ctx.events_at(now),
-                PRODUCT,
-                request.sku,
-                version,
-                product_upserted=events_pb2.ProductUpserted(
-                    name=request.name, unit_price=_money(price.minor_units, price.currency_code), stock=stock
-                ),
-            )
-            response = commands_pb2.UpsertProductResponse(
-                sku=request.sku,
-                version=version,
-                consistency_token=consistency.encode({(PRODUCT, request.sku): version}),
-            )
-            await _finish(conn, request.request_id, [event], response)
-        self._on_commit()
-        return response
+        sku, price = request.sku, request.unit_price
+        now = datetime.now(UTC)
 
-    @staticmethod
-    async def _lock_product(conn: AsyncConnection, sku: str) -> sa.Row | None:
-        return (
-            await conn.execute(
-                sa.select(products.c.stock, products.c.version).where(products.c.sku == sku).with_for_update()
+        async def decide(conn: psycopg.AsyncConnection[Any], rows: list[Rows]) -> Decision:
+            created, (stock, locked_version) = bool(rows[0]), rows[1][0]
+            current = 0 if created else locked_version
+            if request.HasField("expected_version") and request.expected_version != current:
+                raise VersionConflict(f"product {sku!r}", request.expected_version, current)
+            version = current + 1
+            writes: list[Statement] = []
+            if not created:
+                writes.append(
+                    (UPDATE_PRODUCT_SQL, (request.name, price.minor_units, price.currency_code, version, now, sku))
+                )
+            upserted = events_pb2.ProductUpserted(
+                name=request.name, unit_price=_money(price.minor_units, price.currency_code), stock=stock
             )
-        ).first()
+            event = build_event(ctx.events_at(now), PRODUCT, sku, version, product_upserted=upserted)
+            response = commands_pb2.UpsertProductResponse(
+                sku=sku, version=version, consistency_token=consistency.encode({(PRODUCT, sku): version})
+            )
+            return Decision(response, [event], writes)
+
+        reads: list[Statement] = [
+            (CREATE_PRODUCT_SQL, (sku, request.name, price.minor_units, price.currency_code, now, now)),
+            (LOCK_PRODUCT_SQL, (sku,)),
+        ]
+        return await self._transact(
+            "UpsertProduct", request, commands_pb2.UpsertProductResponse.FromString, reads, decide
+        )

@@ -387,3 +387,63 @@ def test_multi_sku_orders_in_random_order_never_deadlock(stack: Stack) -> None:
     sold = Counter(sku for code, picked in results if code == grpc.StatusCode.OK for sku in picked)
     for sku in skus:
         assert stock_of(stack, sku)[0] + sold[sku] == 60
+
+
+def test_cancels_inventory_updates_and_upserts_racing_orders_keep_every_count(stack: Stack) -> None:
+    """Every command at once on the same products: no deadlock, each order cancelled at most once, and
+    each product's stock and version exactly what the successful commands add up to."""
+    skus = [new_sku("C") for _ in range(4)]
+    for sku in skus:
+        add_product(stack.commands, sku, stock=1000)
+    customer = f"all-{new_id()}"
+    placed = [
+        stack.commands.PlaceOrder(order_request(customer, *[(s, 1) for s in skus]), timeout=30) for _ in range(20)
+    ]
+    before = {sku: stock_of(stack, sku) for sku in skus}  # after the 20 orders
+    created = new_sku("N")
+    rng = random.Random(20261201)
+    price = common_pb2.Money(currency_code="EUR", minor_units=100)
+    jobs: list[tuple[str, object]] = [("cancel", p.order_id) for p in placed for _ in range(3)]  # 3 cancels each
+    jobs += [("order", rng.sample(skus, rng.randint(1, 4))) for _ in range(40)]
+    jobs += [("inventory", rng.choice(skus)) for _ in range(30)]
+    jobs += [("upsert", created) for _ in range(10)]  # racing creations of one new product
+    rng.shuffle(jobs)
+
+    def run(job: tuple[str, object]) -> tuple[str, object, grpc.StatusCode, int]:
+        kind, target = job
+        try:
+            if kind == "cancel":
+                reply = stack.commands.CancelOrder(
+                    commands_pb2.CancelOrderRequest(request_id=new_id(), order_id=str(target)), timeout=30
+                )
+            elif kind == "order":
+                reply = stack.commands.PlaceOrder(order_request(customer, *[(s, 1) for s in target]), timeout=30)  # type: ignore[attr-defined]
+            elif kind == "inventory":
+                reply = stack.commands.UpdateInventory(
+                    commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=str(target), delta=7), timeout=30
+                )
+            else:
+                reply = stack.commands.UpsertProduct(
+                    commands_pb2.UpsertProductRequest(request_id=new_id(), sku=str(target), name="n", unit_price=price),
+                    timeout=30,
+                )
+            return kind, target, grpc.StatusCode.OK, reply.version
+        except grpc.RpcError as err:
+            return kind, target, err.code(), 0
+
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        results = list(pool.map(run, jobs))
+    codes = Counter((kind, code) for kind, _, code, _ in results)
+    assert {code for _, code in codes} <= {grpc.StatusCode.OK, grpc.StatusCode.FAILED_PRECONDITION}, codes
+    assert codes[("cancel", grpc.StatusCode.OK)] == 20  # one per order, the other two refused
+    assert codes[("upsert", grpc.StatusCode.OK)] == 10
+    assert sorted(v for kind, _, code, v in results if kind == "upsert") == list(range(1, 11))
+    for sku in skus:
+        ordered = sum(1 for kind, t, code, _ in results if kind == "order" and code == grpc.StatusCode.OK and sku in t)  # type: ignore[operator]
+        restocked = sum(
+            1 for kind, t, code, _ in results if kind == "inventory" and code == grpc.StatusCode.OK and t == sku
+        )
+        # stock: give the 20 first orders back, take the new ones, add 7 per update; a version per change
+        stock, version = before[sku]
+        assert stock_of(stack, sku) == (stock + 20 - ordered + 7 * restocked, version + 20 + ordered + restocked)
+    assert stock_of(stack, created) == (0, 10)
