@@ -9,11 +9,11 @@ import logging
 from command_service.handlers import CommandHandlers
 from command_service.outbox import OutboxRelay
 from command_service.service import CommandService
-from orders import db, migrations, readiness
+from orders import db, migrations, readiness, workers
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.metrics import serve_metrics
-from orders.runtime import run_service, stop_event
+from orders.runtime import Workers, run_service, stop_event
 from orders.v1 import commands_pb2
 
 log = logging.getLogger("command_service")
@@ -46,6 +46,7 @@ async def serve(settings: Settings) -> None:
     metrics_port = serve_metrics(settings.command_metrics_addr)
     host = settings.command_addr.rpartition(":")[0]
     log.info("CommandService listening on %s:%d; metrics on port %d", host, port, metrics_port)
+    workers.report_serving(metrics_port)  # to the supervisor, when this is one of its workers
     try:
         await readiness.until_stopped(stop, health_task)
     finally:
@@ -60,7 +61,7 @@ async def serve(settings: Settings) -> None:
 
 
 def main() -> None:
-    run_service(serve, "orders-command")
+    run_service(serve, "orders-command", Workers("command_service", "command_addr", "command_metrics_addr"))
 
 
 if __name__ == "__main__":

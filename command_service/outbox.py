@@ -14,6 +14,9 @@ Invariants:
 - Only one relay publishes at a time, across processes: it holds a PostgreSQL session advisory lock
   on the connection it reads and marks with. If that connection breaks, the lock goes with it and
   the relay re-acquires it (or another process, polling, takes over).
+- A commit in any process reaches the leader at once: a relay that does not lead passes its process's
+  commits on as a core NATS message (WAKE_SUBJECT, coalesced: one per wait), and looks for the lock
+  only every relay_poll_interval. The poll still finds whatever a lost wake-up left behind.
 - Published rows are deleted once older than `outbox_retention`, in bounded batches.
 """
 
@@ -45,6 +48,7 @@ CLEANUP_BATCH = 5000
 BACKLOG_LOG_INTERVAL = 10.0  # seconds between log lines about a backlog
 RETRY_BASE_DELAY = 0.2
 RETRY_MAX_DELAY = 5.0
+WAKE_SUBJECT = "orders.v1.relay.wake"  # core NATS: "there are new outbox rows", to whichever relay leads
 
 PUBLISHED = Counter("orders_outbox_published_events", "Outbox events acknowledged by JetStream")
 PUBLISH_FAILURES = Counter("orders_outbox_publish_failures", "Publishes that failed and stay in the outbox")
@@ -111,6 +115,7 @@ class OutboxRelay:
         nc = self._nc = await jetstream.connect(self._settings, "orders-command-relay")
         try:
             await self._ensure_stream(nc)
+            await nc.subscribe(WAKE_SUBJECT, cb=self._on_remote_commit)
             js = nc.jetstream(timeout=self._settings.publish_timeout)
             failures = 0
             while True:
@@ -132,12 +137,30 @@ class OutboxRelay:
                     await asyncio.sleep(min(RETRY_BASE_DELAY * 2 ** (failures - 1), RETRY_MAX_DELAY))
                     continue
                 failures = 0
-                with contextlib.suppress(TimeoutError):  # drained: wait for a commit, or poll
-                    await asyncio.wait_for(self._wake.wait(), self._settings.relay_poll_interval)
-                self._wake.clear()
+                await self._idle(nc)
         finally:
             await self._drop_connection()
             await jetstream.close(nc)
+
+    async def _on_remote_commit(self, msg: Any) -> None:
+        if self.is_leader:
+            self._wake.set()
+
+    async def _idle(self, nc: NATS) -> None:
+        """Drained: wait for a commit (the leader: in any process) or the poll interval, whichever first.
+        Meanwhile a relay that does not lead passes its own process's commits on to the leader."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.relay_poll_interval
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+            self._wake.clear()
+            if self.is_leader:
+                return
+            with contextlib.suppress(Exception):  # a lost wake-up costs one poll interval at most
+                await nc.publish(WAKE_SUBJECT, b"")
 
     async def _ensure_stream(self, nc: NATS) -> None:
         delay = 0.2

@@ -104,6 +104,11 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         if settings.auth == "on" and not (settings.auth_tokens or settings.auth_tokens_file):
             settings = dataclasses.replace(settings, auth="off")
             print("authentication off: a local stack (set ORDERS_AUTH_TOKENS_FILE to require tokens)")
+        if args.workers is not None:
+            if args.workers < 0:
+                print("orders up: --workers must be 0 (one per core) or more", file=sys.stderr)
+                return 2
+            settings = dataclasses.replace(settings, workers=args.workers)
         asyncio.run(migrations.migrate(settings))
         env = settings.to_env()
         for module in local_stack.SERVICES:
@@ -111,8 +116,12 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         for address in (settings.command_addr, settings.query_addr, settings.admin_addr):
             serving = functools.partial(_serving_or_dead, address, started)
             local_stack.wait_until(serving, 60, f"gRPC health SERVING on {address}")
-        print(f"CommandService  {settings.command_addr}")
-        print(f"QueryService    {settings.query_addr}")
+        from orders.workers import available_cores
+
+        workers = settings.workers or available_cores()
+        each = f"  ({workers} worker processes)" if workers > 1 else ""
+        print(f"CommandService  {settings.command_addr}{each}")
+        print(f"QueryService    {settings.query_addr}{each}")
         print(f"AdminService    {settings.admin_addr}")
         metrics = (settings.command_metrics_addr, settings.query_metrics_addr, settings.projector_metrics_addr)
         print("metrics         " + "  ".join(f"http://{a}/metrics" for a in metrics))
@@ -724,6 +733,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--external",
         action="store_true",
         help="use the PostgreSQL and NATS named by ORDERS_* URLs instead of starting them",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes of the command and query services (default ORDERS_WORKERS; 0: one per core)",
     )
     for name, module, text in (
         ("command-service", "command_service", "run the CommandService (with its outbox relay)"),

@@ -61,6 +61,13 @@ def _parse_positive_int(value: str) -> int:
     return number
 
 
+def _parse_non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must be zero or more")
+    return number
+
+
 def _parse_schedule(value: str) -> tuple[float, ...]:
     delays = tuple(float(part) for part in value.split(","))
     if not delays or any(d < 0 for d in delays):
@@ -197,7 +204,12 @@ class Settings:
     keepalive_timeout: float = _setting(
         10.0, _parse_positive_float, "Seconds a client has to answer a keepalive ping before it is disconnected."
     )
-    db_pool_size: int = _setting(10, _parse_positive_int, "Database connections per process.")
+    db_pool_size: int = _setting(10, _parse_positive_int, "Database connections per process (per worker).")
+    workers: int = _setting(
+        0,
+        _parse_non_negative_int,
+        "Worker processes of the command and query services, sharing each service's port; 0: one per core.",
+    )
     tls_cert_file: str = _setting("", str, "PEM certificate chain of the gRPC servers; set with the key to serve TLS.")
     tls_key_file: str = _setting("", str, "PEM private key of the gRPC servers.")
     tls_client_ca_file: str = _setting(

@@ -15,7 +15,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from orders import correlation, metrics, reflection, security, tracing
+from orders import correlation, metrics, reflection, security, tracing, workers
 from orders.config import Settings
 from orders.db import is_unavailable
 from orders.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
@@ -253,7 +253,8 @@ def create_server(
             ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
             ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
             ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-            ("grpc.so_reuseport", 0),
+            # Workers of one service share its port; a lone process must fail on a port already taken.
+            ("grpc.so_reuseport", 0 if workers.worker_index() is None else 1),
             *keepalive_options(settings),
         ],
     )

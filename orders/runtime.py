@@ -7,16 +7,19 @@ import contextlib
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from orders import tracing
-from orders.config import ConfigError, Settings
+from orders import workers as orders_workers
+from orders.config import ConfigError, Settings, variable
 from orders.correlation import CORRELATION_ID, TRACEPARENT
 from orders.migrations import NotMigrated
 
@@ -89,15 +92,36 @@ def configure_logging(level: str, log_format: str = "auto", stream: TextIO | Non
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-def run_service(serve: Callable[[Settings], Coroutine[Any, Any, None]], name: str) -> None:
+@dataclass(frozen=True)
+class Workers:
+    """How a service runs as several worker processes: its module and the settings naming its addresses."""
+
+    module: str
+    address: str  # the Settings field of the gRPC address the workers share
+    metrics_address: str  # the Settings field of the metrics address (the supervisor's)
+
+
+def run_service(
+    serve: Callable[[Settings], Coroutine[Any, Any, None]], name: str, workers: Workers | None = None
+) -> None:
     """A service's main(): settings from the environment (exit 2 naming a bad variable), logging,
-    tracing (when configured), run; name is the service name in traces."""
+    tracing (when configured), run; name is the service name in traces. A service that can run as
+    workers does so (as their supervisor, see orders.workers) when ORDERS_WORKERS asks for more than one."""
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level, settings.log_format)
+    count = settings.workers or orders_workers.available_cores()
+    if workers is not None and count > 1 and orders_workers.worker_index() is None:
+        if getattr(settings, workers.address).endswith(":0"):
+            print(f"configuration error: {count} workers need a fixed port in {variable(workers.address)}")
+            raise SystemExit(2)
+        code = orders_workers.supervise(
+            workers.module, count, variable(workers.metrics_address), getattr(settings, workers.metrics_address)
+        )
+        raise SystemExit(code)
     raise_open_files_limit()
     tracing.setup(name)
     try:
@@ -126,9 +150,23 @@ def raise_open_files_limit() -> int:
 
 
 def stop_event() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT, so a service can stop accepting and finish in-flight work."""
+    """An event set by SIGTERM or SIGINT, so a service can stop accepting and finish in-flight work; in a
+    supervised worker also once its supervisor is gone."""
     event = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, event.set)
+    if orders_workers.worker_index() is not None:
+        parent = os.getppid()
+
+        async def watch_parent() -> None:
+            while not orders_workers.supervisor_gone(parent):
+                await asyncio.sleep(orders_workers.PARENT_CHECK_SECONDS)
+            logging.getLogger("orders").warning("the supervisor (pid %d) is gone; stopping", parent)
+            event.set()
+
+        _background.add(loop.create_task(watch_parent(), name="watch-supervisor"))
     return event
+
+
+_background: set[asyncio.Task[None]] = set()  # tasks kept alive for the process's life

@@ -198,16 +198,24 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=bool(client_ca))
 
 
-def client_channel(address: str, settings: Settings, *, aio: bool = False) -> Any:
-    """A channel to one of the servers as the CLI configures it: TLS when a CA or client certificate is set."""
+def client_channel(address: str, settings: Settings, *, aio: bool = False, own_connection: bool = False) -> Any:
+    """A channel to one of the servers as the CLI configures it: TLS when a CA or client certificate is set.
+
+    own_connection: a TCP connection of its own (gRPC otherwise shares one among a process's channels to
+    the same address), so that several channels reach several workers of a service."""
+    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else None
     if not (settings.client_ca_file or settings.client_cert_file):
-        return grpc.aio.insecure_channel(address) if aio else grpc.insecure_channel(address)
+        if aio:
+            return grpc.aio.insecure_channel(address, options=options)
+        return grpc.insecure_channel(address, options=options)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(settings.client_ca_file, "CLIENT_CA_FILE") if settings.client_ca_file else None,
         private_key=_read(settings.client_key_file, "CLIENT_KEY_FILE") if settings.client_key_file else None,
         certificate_chain=_read(settings.client_cert_file, "CLIENT_CERT_FILE") if settings.client_cert_file else None,
     )
-    return grpc.aio.secure_channel(address, credentials) if aio else grpc.secure_channel(address, credentials)
+    if aio:
+        return grpc.aio.secure_channel(address, credentials, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 def call_metadata(settings: Settings) -> tuple[tuple[str, str], ...]:

@@ -10,12 +10,12 @@ import sqlalchemy as sa
 from prometheus_client import Gauge
 from psycopg_pool import AsyncConnectionPool
 
-from orders import db, migrations, readiness
+from orders import db, migrations, readiness, workers
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.metrics import serve_metrics, set_projection_lag
 from orders.read_model import projection_checkpoints
-from orders.runtime import run_service, stop_event
+from orders.runtime import Workers, run_service, stop_event
 from orders.v1 import queries_pb2
 from query_service.changes import ChangeFeed
 from query_service.service import QueryService
@@ -103,6 +103,7 @@ async def _serve(settings: Settings, engine: db.AsyncEngine, pool: AsyncConnecti
     await server.start()
     host = settings.query_addr.rpartition(":")[0]
     log.info("QueryService listening on %s:%d; metrics on port %d", host, port, metrics_port)
+    workers.report_serving(metrics_port)  # to the supervisor, when this is one of its workers
     try:
         await readiness.until_stopped(stop, health_task)
     finally:
@@ -117,7 +118,7 @@ async def _serve(settings: Settings, engine: db.AsyncEngine, pool: AsyncConnecti
 
 
 def main() -> None:
-    run_service(serve, "orders-query")
+    run_service(serve, "orders-query", Workers("query_service", "query_addr", "query_metrics_addr"))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,7 @@ from bench_common import (
     median,
     percentile,
     seed_products,
+    with_children,
 )
 
 sys.path.insert(0, str(ROOT))
@@ -159,13 +160,21 @@ def load_process(job: dict[str, Any], results: Any) -> None:
         deadline = load_started + job["seconds"]
         settings = Settings(**job["settings"])
         md = security.call_metadata(settings)
+        # Connections of their own (the kernel hands each to one worker of a service): `channels` per process.
+        channels = [
+            security.client_channel(settings.command_addr, settings, aio=True, own_connection=True)
+            for _ in range(job["channels"])
+        ]
         async with (
-            security.client_channel(settings.command_addr, settings, aio=True) as cc,
+            contextlib.AsyncExitStack() as stack,
             security.client_channel(settings.query_addr, settings, aio=True) as qc,
         ):
-            commands, queries = commands_pb2_grpc.CommandServiceStub(cc), queries_pb2_grpc.QueryServiceStub(qc)
+            for channel in channels:
+                await stack.enter_async_context(channel)
+            stubs = [commands_pb2_grpc.CommandServiceStub(channel) for channel in channels]
+            queries = queries_pb2_grpc.QueryServiceStub(qc)
 
-            async def one(kind: str) -> Any:
+            async def one(kind: str, commands: Any) -> Any:
                 if kind == "CancelOrder" and placed:
                     order_id = placed.pop(rng.randrange(len(placed)))
                     return await commands.CancelOrder(
@@ -206,7 +215,7 @@ def load_process(job: dict[str, Any], results: Any) -> None:
                     kind = kind if kind != "CancelOrder" or placed else "PlaceOrder"
                     started = time.perf_counter()
                     try:
-                        reply = await one(kind)
+                        reply = await one(kind, stubs[index % len(stubs)])
                     except grpc.aio.AioRpcError as err:
                         failures[f"{kind} {err.code().name}"] = failures.get(f"{kind} {err.code().name}", 0) + 1
                         continue
@@ -247,6 +256,7 @@ def drive(system: LocalSystem, args: argparse.Namespace, rate: float, visibility
         {
             "settings": {**system.settings.__dict__, "command_addr": command_addrs[i % len(command_addrs)]},
             "concurrency": per_client,
+            "channels": args.channels,
             "seconds": args.seconds,
             "rate": rate / args.clients,
             "cancel_share": args.cancel_share,
@@ -313,8 +323,8 @@ async def sample_while(
     try:
         while not done():
             lags.append((time.monotonic() - started, (await lag.measure(nc, system.settings)).events))
-            for proc in system.processes:
-                memory[proc.name] = max(memory.get(proc.name, 0.0), rss_mb(proc.pid))
+            for proc in system.processes:  # per process: the supervisor or any one of its workers
+                memory[proc.name] = max(memory.get(proc.name, 0.0), *map(rss_mb, with_children(proc.pid)))
             await asyncio.sleep(0.5)
         await lag_until_caught_up(nc, system.settings, started, lags)  # the tail after the load stopped
     finally:
@@ -550,6 +560,13 @@ def one_run(system: LocalSystem, args: argparse.Namespace, run: int) -> dict[str
         system, args, rate=result["commands_max"]["commands_per_second"] / 2, visibility=True, run=run
     )
     log(run, "commands at half speed, visibility", result["commands_paced"]["visibility_ms"])
+    if system.local and args.workers_series and args.command_processes == 1:
+        result["workers"] = scaling_series(system, args, run)
+        log(
+            run,
+            "commands/s by workers per service",
+            {w: round(r["commands_per_second"]) for w, r in result["workers"].items()},
+        )
     result["raw_jetstream"] = asyncio.run(raw_jetstream(system, args.backlog))
     log(run, "raw JetStream", result["raw_jetstream"])
     if system.local:  # draining a backlog means stopping the projector: only on a system of our own
@@ -560,6 +577,23 @@ def one_run(system: LocalSystem, args: argparse.Namespace, run: int) -> dict[str
     result["queries"] = query_bench(system, args, run)
     log(run, "queries", {k: round(v["per_second"]) for k, v in result["queries"].items()})
     return result
+
+
+def scaling_series(system: LocalSystem, args: argparse.Namespace, run: int) -> dict[str, Any]:
+    """Commands at full speed with the command service run as 1, 2, 4 … worker processes sharing its port."""
+    series: dict[str, Any] = {}
+    for workers in args.workers_series:
+        system.stop("command_service")
+        system.start("command_service", workers=workers)
+        out = drive(system, args, rate=0.0, visibility=False, run=run)
+        series[str(workers)] = {
+            "commands_per_second": out["commands_per_second"],
+            "cpu_ms_per_command": sum(out["cpu_ms_per_command"].values()),
+            "command_service_cpu_ms": out["cpu_ms_per_command"].get("command_service", 0.0),
+        }
+    system.stop("command_service")
+    system.start("command_service", workers=1)
+    return series
 
 
 def log(run: int, what: str, value: Any) -> None:
@@ -582,6 +616,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--clients", type=int, default=2, help="client processes for the command load")
+    parser.add_argument("--channels", type=int, default=4, help="command channels (TCP connections) per client process")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cancel-share", type=float, default=0.1)
@@ -593,6 +628,12 @@ def main() -> None:
         type=int,
         default=1,
         help="command service processes (one relay publishes; the client processes are spread over them)",
+    )
+    parser.add_argument(
+        "--workers-series",
+        type=lambda text: [int(n) for n in text.split(",") if n],
+        default=[1, 2, 4],
+        help="worker processes of the command service for the scaling series (comma-separated; empty: skip)",
     )
     parser.add_argument("--out", default="bench-results")
     parser.add_argument(
@@ -670,6 +711,14 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
         name: median([r["commands_max"]["cpu_ms_per_command"].get(name, 0.0) for r in runs]) for name in components
     }
     result["cpu_ms_per_command_total"] = median([sum(r["commands_max"]["cpu_ms_per_command"].values()) for r in runs])
+    series = sorted({int(w) for r in runs for w in r.get("workers", {})})
+    result["workers"] = {
+        str(w): {
+            stat: median([r["workers"][str(w)][stat] for r in runs if str(w) in r.get("workers", {})])
+            for stat in ("commands_per_second", "cpu_ms_per_command", "command_service_cpu_ms")
+        }
+        for w in series
+    }
     for service in ("command_service", "projector", "query_service"):
         result[f"{service}_max_rss_mb"] = max(r["commands_max"]["max_rss_mb"].get(service, 0.0) for r in runs)
     return result
@@ -757,6 +806,17 @@ def markdown(report: dict[str, Any]) -> str:
             + f"; total {sum(cpu.values()):.2f} ms for {d['cores']} cores.\n"
         )
     )
+    one = m["workers"].get("1", {}).get("commands_per_second")
+    for workers, figures in m["workers"].items():
+        rows.append(
+            (
+                f"all commands, command service as {workers} worker process{'es' if workers != '1' else ''}",
+                f"{figures['commands_per_second']:,.0f}/s"
+                + (f" ({figures['commands_per_second'] / one:.2f} x 1)" if one else ""),
+                f"CPU per command {figures['cpu_ms_per_command']:.2f} ms "
+                f"(command service {figures['command_service_cpu_ms']:.2f})",
+            )
+        )
     shown = [r for r in rows if "nan" not in r[1] + r[2] and not r[1].startswith("0 / 0 / 0")]
     table = "\n".join(f"| {what} | {rate} | {latency} |" for what, rate, latency in shown)
     return head + table + where

@@ -79,6 +79,7 @@ def local_system(work: Path, **overrides: Any) -> Iterator[LocalSystem]:
                 "stream": "BENCH_EVENTS",
                 "log_level": "WARNING",
                 "auth": "off",
+                "workers": 1,
                 **overrides,
             }
         ),
@@ -118,8 +119,8 @@ def with_children(pid: int) -> list[int]:
 def cpu_by_component(system: LocalSystem) -> dict[str, float]:
     """CPU seconds used so far by each service process, PostgreSQL (all backends) and nats-server."""
     usage = {proc.name: 0.0 for proc in system.processes}
-    for proc in system.processes:
-        usage[proc.name] += cpu_seconds(proc.pid)
+    for proc in system.processes:  # a service with workers: its supervisor and each worker
+        usage[proc.name] += sum(cpu_seconds(pid) for pid in with_children(proc.pid))
     for name, pid in system.infra_pids.items():
         usage[name] = sum(cpu_seconds(p) for p in with_children(pid))
     return usage

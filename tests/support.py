@@ -64,6 +64,7 @@ def isolated_settings(infra: Infra, **overrides: Any) -> Settings:
         stream=f"ORDERS_EVENTS_{suffix}",
         consumer=f"projector_{suffix}",
         auth="off",
+        workers=1,  # one process per service, as the tests kill and freeze them by pid; tests of workers say 2
     )
     return Settings(**(values | overrides))
 

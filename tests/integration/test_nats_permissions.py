@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 from nats.aio.msg import Msg
 
+from command_service.outbox import WAKE_SUBJECT
 from orders import jetstream, local_stack, outbox_report
 from orders.config import Settings
 from orders.db import libpq_url
@@ -94,7 +96,24 @@ def test_each_service_can_do_its_part_and_nothing_else(
             finally:
                 await jetstream.close(nc)
             nc = await jetstream.connect(command, "snoop", retry_forever=False)
+            intruder = await jetstream.connect(projector, "intruder", retry_forever=False)
             try:
+                wakes: asyncio.Queue[bytes] = asyncio.Queue()
+
+                async def woken(msg: Msg) -> None:
+                    await wakes.put(msg.data)
+
+                await nc.subscribe(WAKE_SUBJECT, cb=woken)
+                await nc.flush()
+                await intruder.publish(WAKE_SUBJECT, b"projector")
+                await intruder.flush()
+                await nc.publish(WAKE_SUBJECT, b"command")
+                await nc.flush()
+                heard_wakes = [await asyncio.wait_for(wakes.get(), 5)]
+                with contextlib.suppress(TimeoutError):
+                    heard_wakes.append(await asyncio.wait_for(wakes.get(), 1))
+                outcome["command processes wake each other's relay"] = b"command" in heard_wakes
+                outcome["projector wakes the relay"] = b"projector" in heard_wakes
                 try:
                     await nc.jetstream(timeout=2).pull_subscribe("orders.v1.events.>", durable="snoop")
                     outcome["command creates a consumer"] = True
@@ -102,6 +121,7 @@ def test_each_service_can_do_its_part_and_nothing_else(
                     outcome["command creates a consumer"] = False
             finally:
                 await jetstream.close(nc)
+                await jetstream.close(intruder)
             try:
                 await nats.connect(
                     guarded_nats.url,
@@ -120,6 +140,8 @@ def test_each_service_can_do_its_part_and_nothing_else(
             "projector deletes the stream": False,
             "stream still holds 4 events": True,  # product upsert, stock, order, stock change
             "projector hears the relay's outbox reports": True,  # and not its own forged one
+            "command processes wake each other's relay": True,
+            "projector wakes the relay": False,
             "command creates a consumer": False,
             "wrong password connects": False,
         }
