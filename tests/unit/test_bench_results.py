@@ -24,7 +24,7 @@ def fail_before_sending(results: Any) -> None:
 
 
 def test_results_larger_than_the_pipe_buffer_are_collected() -> None:
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # not fork: this process runs gRPC threads
     results = ctx.Queue()
     procs = [ctx.Process(target=send_latencies, args=(results, BIG // 8)) for _ in range(2)]
     for proc in procs:
@@ -35,7 +35,7 @@ def test_results_larger_than_the_pipe_buffer_are_collected() -> None:
 
 
 def test_a_client_that_dies_without_a_result_is_reported() -> None:
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # not fork: this process runs gRPC threads
     results = ctx.Queue()
     procs = [ctx.Process(target=fail_before_sending, args=(results,))]
     procs[0].start()
