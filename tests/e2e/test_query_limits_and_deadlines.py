@@ -95,7 +95,12 @@ def test_products_page_through_with_filters(stack: Stack) -> None:
             if not token:
                 return pages
 
-    eventually(lambda: sum(map(len, all_pages(False))) == 5, 10, "the products projected")
+    # every product and its stock projected (each product's stock comes with a later event)
+    eventually(
+        lambda: sum(map(len, all_pages(False))) == 5 and sum(map(len, all_pages(True))) == 4,
+        10,
+        "the products and their stock projected",
+    )
     assert all_pages(False) == [skus[0:2], skus[2:4], skus[4:5]]
     assert all_pages(True) == [in_stock[0:2], in_stock[2:4]]
 
