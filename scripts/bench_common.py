@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 
 from orders import local_stack  # noqa: E402
 from orders.config import Settings  # noqa: E402
-from tests.support import add_product, migrate, start_serving  # noqa: E402
+from tests.support import add_product, children, migrate, start_serving  # noqa: E402
 
 
 @dataclass
@@ -107,13 +107,7 @@ def cpu_seconds(pid: int) -> float:
 
 def with_children(pid: int) -> list[int]:
     """pid and its direct children (PostgreSQL's backends are children of the postmaster)."""
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry.name))
-    return [pid, *children]
+    return [pid, *children(pid)]
 
 
 def cpu_by_component(system: LocalSystem) -> dict[str, float]:

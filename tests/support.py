@@ -130,6 +130,33 @@ def bad_fields(err: grpc.RpcError) -> set[str]:
     return {v.field for v in details.field_violations}
 
 
+def live_processes() -> dict[int, int]:
+    """Every live process (zombies left out) and its parent's pid, from /proc."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            if state != "Z":
+                parents[int(entry.name)] = int(parent)
+    return parents
+
+
+def children(pid: int, *, all_levels: bool = False) -> set[int]:
+    """The live processes whose parent is pid (with all_levels, their children too, and so on)."""
+    parents = live_processes()
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+        if not all_levels:
+            break
+    return found
+
+
 def scrape_metrics(address: str) -> dict[str, float]:
     """A process's Prometheus samples (name with labels → value), scraped over HTTP."""
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:

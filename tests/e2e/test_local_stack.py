@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from orders import local_stack, workers
-from tests.support import Stack, add_product, eventually, new_id, new_sku, place
+from tests.support import Stack, add_product, children, eventually, live_processes, new_id, new_sku, place
 
 pytestmark = pytest.mark.e2e
 
@@ -85,31 +85,6 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def running(pid: int) -> bool:
-    """pid is a live process (not a zombie waiting to be reaped)."""
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below pid (services of `orders up`, and their workers)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def test_up_serves_a_second_terminal_stops_on_ctrl_c_and_keeps_data(tmp_path: Path) -> None:
     """As the README has it: `orders up` in one terminal, every other command in another one, in the same
     directory and with no ORDERS_* variable set: they find the stack through its endpoints file."""
@@ -136,7 +111,7 @@ def test_up_serves_a_second_terminal_stops_on_ctrl_c_and_keeps_data(tmp_path: Pa
         assert len(pids) == 2
         if workers.available_cores() > 1:  # the default: command and query services as one worker per core
             assert f"({workers.available_cores()} worker processes)" in first.text()
-        below = descendants(first.proc.pid)  # PostgreSQL, NATS, services, their workers
+        below = children(first.proc.pid, all_levels=True)  # PostgreSQL, NATS, services, their workers
         assert len(below) >= 2 + 3 + (2 * workers.available_cores() if workers.available_cores() > 1 else 0)
 
         again = Up(tmp_path, env, wait=False)  # a second `orders up` in the same directory
@@ -148,7 +123,7 @@ def test_up_serves_a_second_terminal_stops_on_ctrl_c_and_keeps_data(tmp_path: Pa
         code = first.interrupt()
     assert code == 0, first.text()
     assert not [pid for pid in pids if pid_alive(pid)], "PostgreSQL or NATS outlived orders up"
-    assert not [pid for pid in below if running(pid)], "a service or worker outlived orders up"
+    assert not below & set(live_processes()), "a service or worker outlived orders up"
     assert not (tmp_path / ".orders-data" / "endpoints.json").exists()
     down = run_cli(tmp_path, "verify")
     assert down.returncode == 3 and "Traceback" not in down.stderr, down.stderr

@@ -13,12 +13,14 @@ import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from orders import local_stack
+from orders import local_stack, security
+from orders.config import Settings
 from orders.db import libpq_url
 from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
 from tests.support import (
     Infra,
     add_product,
+    children,
     eventually,
     isolated_settings,
     migrate,
@@ -31,40 +33,30 @@ from tests.support import (
 pytestmark = pytest.mark.e2e
 
 
-def children_of(pid: int) -> set[int]:
-    """The live processes whose parent is pid (a supervisor's workers)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(stat[1]) == pid and stat[0] != "Z":
-                    found.add(int(entry.name))
+def by_worker(metrics_addr: str, sample_prefix: str, label: str = "") -> dict[str, float]:
+    """From the supervisor's merged metrics: the samples starting with sample_prefix (and holding label),
+    summed per worker label."""
+    found: dict[str, float] = {}
+    for sample, value in scrape_metrics(metrics_addr).items():
+        if sample.startswith(sample_prefix) and label in sample:
+            worker = sample.split('worker="', 1)[1].split('"', 1)[0]
+            found[worker] = found.get(worker, 0.0) + value
     return found
 
 
 def calls_by_worker(metrics_addr: str, method: str) -> dict[str, float]:
-    """orders_rpc_requests_total of one method, per worker label, from the supervisor's merged metrics."""
-    counts: dict[str, float] = {}
-    for sample, value in scrape_metrics(metrics_addr).items():
-        if sample.startswith("orders_rpc_requests_total{") and f'method="{method}"' in sample:
-            worker = sample.split('worker="', 1)[1].split('"', 1)[0]
-            counts[worker] = counts.get(worker, 0.0) + value
-    return counts
+    """orders_rpc_requests_total of one method, per worker."""
+    return by_worker(metrics_addr, "orders_rpc_requests_total{", f'method="{method}"')
 
 
 def start_times(metrics_addr: str) -> dict[str, float]:
-    """Each worker's process_start_time_seconds, by worker label."""
-    return {
-        sample.split('worker="', 1)[1].split('"', 1)[0]: value
-        for sample, value in scrape_metrics(metrics_addr).items()
-        if sample.startswith("process_start_time_seconds{")
-    }
+    """Each worker's process_start_time_seconds."""
+    return by_worker(metrics_addr, "process_start_time_seconds{")
 
 
-def upsert_on_a_new_connection(address: str, sku: str) -> None:
+def upsert_on_a_new_connection(settings: Settings, sku: str) -> None:
     """One call on a channel of its own: a new TCP connection, which the kernel gives to either worker."""
-    with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+    with security.client_channel(settings.command_addr, settings, own_connection=True) as channel:
         add_product(commands_pb2_grpc.CommandServiceStub(channel), sku, stock=1)
 
 
@@ -81,18 +73,18 @@ def test_two_workers_share_each_port_and_one_killed_is_replaced_without_the_port
         procs.append(start_serving("query_service", settings, tmp_path / "logs"))
         procs.append(start_serving("projector", settings, tmp_path / "logs"))
         supervisor = procs[0].pid
-        workers = eventually(lambda: children_of(supervisor) if len(children_of(supervisor)) == 2 else None, 30)
-        query_workers = eventually(lambda: children_of(procs[1].pid) if len(children_of(procs[1].pid)) == 2 else None)
+        workers = eventually(lambda: children(supervisor) if len(children(supervisor)) == 2 else None, 30)
+        query_workers = eventually(lambda: children(procs[1].pid) if len(children(procs[1].pid)) == 2 else None)
         workers |= query_workers
 
         # 1. Both workers serve: new connections land on either, each worker counts its own calls.
         skus = [new_sku("W") for _ in range(24)]
         for sku in skus:
-            upsert_on_a_new_connection(settings.command_addr, sku)
+            upsert_on_a_new_connection(settings, sku)
         served = calls_by_worker(settings.command_metrics_addr, "UpsertProduct")
         assert set(served) == {"0", "1"} and sum(served.values()) == len(skus), served
         for _ in range(24):
-            with grpc.insecure_channel(settings.query_addr, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            with security.client_channel(settings.query_addr, settings, own_connection=True) as ch:
                 queries_pb2_grpc.QueryServiceStub(ch).ListProducts(queries_pb2.ListProductsRequest(), timeout=10)
         assert set(calls_by_worker(settings.query_metrics_addr, "ListProducts")) == {"0", "1"}
 
@@ -107,16 +99,16 @@ def test_two_workers_share_each_port_and_one_killed_is_replaced_without_the_port
         # 3. Kill one worker as a crash would: the port keeps answering, and a new worker takes its place.
         started = start_times(settings.command_metrics_addr)
         assert set(started) == {"0", "1"}
-        victim = min(children_of(supervisor))
+        victim = min(children(supervisor))
         os.kill(victim, signal.SIGKILL)
         eventually(lambda: not local_stack.pid_alive(victim) or None, 10, "the worker gone")
         for sku in [new_sku("K") for _ in range(10)]:
-            upsert_on_a_new_connection(settings.command_addr, sku)  # raises if the port went dark
+            upsert_on_a_new_connection(settings, sku)  # raises if the port went dark
         with grpc.insecure_channel(settings.command_addr) as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         replaced = eventually(
-            lambda: children_of(supervisor) if len(children_of(supervisor) - {victim}) == 2 else None,
+            lambda: children(supervisor) if len(children(supervisor) - {victim}) == 2 else None,
             30,
             "a replacement worker",
         )
