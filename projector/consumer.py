@@ -44,7 +44,17 @@ from orders.events import HEADER_CORRELATION_ID, HEADER_TRACEPARENT, Undecodable
 from orders.outbox_report import OutboxReport
 from orders.read_model import CHANGES_CHANNEL
 from projector import dead_letters
-from projector.projections import Change, Item, NeverApplicable, Outcome, apply_events, check_applicable
+from projector.projections import (
+    Change,
+    Item,
+    NeverApplicable,
+    Outcome,
+    check_applicable,
+    concurrent_write,
+    execute_writes,
+    plan,
+    queue_reads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +67,7 @@ OUTAGE_RECHECK_FIRST, OUTAGE_RECHECK_MAX = 0.1, 1.0  # seconds between checks of
 # This many empty fetches in a row (each waits FETCH_TIMEOUT) → check the subscription is still alive.
 # Counted in fetches, not seconds: a process that was frozen (SIGSTOP, a VM pause) has not been idle.
 STALL_CHECK_FETCHES = 15
-CONFLICT_RETRY_DELAY = 0.05
+CONCURRENT_WRITE_RETRIES = 3  # a batch whose rows another instance created first is applied again at once
 GAP_RECHECKS = 20  # in-process re-checks of a batch's GAP events, while they make progress
 GAP_RECHECK_PAUSE = 0.02
 # A GAP resolves as soon as its predecessor is applied, and re-checking it costs one version comparison,
@@ -100,13 +110,11 @@ async def signal_changes(conn: psycopg.AsyncConnection[Any], changes: list[Chang
     if not changes:
         return
     await conn.execute(
-        "INSERT INTO projection_checkpoints (projection, last_stream_seq, updated_at) VALUES (%s, %s, now()) "
-        "ON CONFLICT (projection) DO UPDATE SET last_stream_seq = GREATEST(projection_checkpoints.last_stream_seq,"
-        " EXCLUDED.last_stream_seq), updated_at = now()",
-        (PROJECTION_NAME, max(c.stream_seq for c in changes)),
-    )
-    await conn.execute(
-        "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload", (CHANGES_CHANNEL, change_payloads(changes))
+        "WITH checkpoint AS (INSERT INTO projection_checkpoints (projection, last_stream_seq, updated_at)"
+        " VALUES (%s, %s, now()) ON CONFLICT (projection) DO UPDATE SET last_stream_seq ="
+        " GREATEST(projection_checkpoints.last_stream_seq, EXCLUDED.last_stream_seq), updated_at = now())"
+        " SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload",
+        (PROJECTION_NAME, max(c.stream_seq for c in changes), CHANGES_CHANNEL, change_payloads(changes)),
     )
 
 
@@ -293,7 +301,7 @@ class Projector:
         await sub.unsubscribe()
         return await self._subscribe(js)
 
-    async def handle_batch(self, msgs: list[Msg]) -> None:
+    async def handle_batch(self, msgs: list[Msg], attempt: int = 0) -> None:
         """Apply msgs in one transaction, then ack, nak or terminate each one."""
         items: list[tuple[Msg, Item]] = []
         rejected: list[dead_letters.DeadLetter] = []
@@ -309,7 +317,10 @@ class Projector:
             letters = await self._apply(msgs, items, rejected, give_up=False)
             letters += await self._settle_gaps(msgs, items)
         except Exception as exc:
-            if is_unavailable(exc) and await self._outage_over():
+            if concurrent_write(exc) and attempt < CONCURRENT_WRITE_RETRIES:
+                log.info("another projector instance wrote a row of this batch first; applying it again")
+                await self.handle_batch(msgs, attempt + 1)
+            elif is_unavailable(exc) and await self._outage_over():
                 await self.handle_batch(msgs)  # the read database was down and answers again: at once
             elif is_unavailable(exc) or len(msgs) == 1:
                 await self._retry_later(msgs, exc)
@@ -321,8 +332,6 @@ class Projector:
         for msg, item in items:
             if item.outcome in (Outcome.APPLIED, Outcome.DUPLICATE):
                 await msg.ack()
-            elif item.outcome is Outcome.CONFLICT:
-                await msg.nak(delay=CONFLICT_RETRY_DELAY)
             elif item.outcome is Outcome.GAP:
                 log.debug("%s/%s v%d waits for its predecessor", *item.aggregate, item.event.aggregate_version)
                 await msg.nak(delay=min(self.retry_delay(msg.metadata.num_delivered or 1), GAP_MAX_DELAY))
@@ -456,7 +465,10 @@ class Projector:
         letters = list(rejected)
         started_ns = time.time_ns()
         async with driver_transaction(self._engine) as conn:
-            known = await dead_letters.open_letters(conn, [item.aggregate for _, item in items])
+            async with conn.pipeline():  # round trip 1: BEGIN, the aggregates' dead letters, their rows locked
+                letters_read = await dead_letters.queue_open_letters(conn, [item.aggregate for _, item in items])
+                rows_read = await queue_reads(conn, [item for _, item in items])
+            known = await dead_letters.open_letters(letters_read)
             for letter in rejected:  # undecodable events of this very batch block their aggregate too
                 aggregate = (letter.aggregate_type, letter.aggregate_id)
                 known.setdefault(aggregate, []).append((letter.stream_seq, letter.aggregate_version))
@@ -471,7 +483,7 @@ class Projector:
                     letters.append(_dead_letter(msg, item.event, dead_letters.PARKED, "parked behind a dead letter"))
                 else:
                     runnable.append(item)
-            changes = await apply_events(conn, runnable)
+            folded = await plan(runnable, rows_read)
             for msg, item in items:
                 if (
                     give_up
@@ -484,8 +496,11 @@ class Projector:
                         f"{msg.metadata.num_delivered} deliveries"
                     )
                     letters.append(_dead_letter(msg, item.event, dead_letters.DEAD, reason))
-            await dead_letters.record(conn, letters)
-            await signal_changes(conn, changes)
+            async with conn.pipeline():  # round trip 2: the rows, dead letters, checkpoint and NOTIFY, COMMIT
+                await execute_writes(conn, folded)
+                await dead_letters.record(conn, letters)
+                await signal_changes(conn, folded.changes)
+                await conn.commit()
         applied = sum(1 for _, item in items if item.outcome is Outcome.APPLIED)
         if applied:
             _log_applied([item for _, item in items if item.outcome is Outcome.APPLIED], started_ns)

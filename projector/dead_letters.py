@@ -46,20 +46,23 @@ def aggregate_of_subject(subject: str) -> tuple[str, str]:
     return (kind or "unknown"), (ident or subject)
 
 
-async def open_letters(
-    conn: AsyncConnection[Any], aggregates: Iterable[tuple[str, str]]
-) -> dict[tuple[str, str], list[tuple[int, int | None]]]:
-    """(stream_seq, version) of every dead letter of the given aggregates."""
+async def queue_open_letters(conn: AsyncConnection[Any], aggregates: Iterable[tuple[str, str]]) -> Any:
+    """Send the query for the dead letters of the given aggregates (in pipeline mode it goes out with
+    what follows); `open_letters` reads its answer."""
     pairs = sorted(set(aggregates))
     if not pairs:
-        return {}
-    cur = await conn.execute(
+        return None
+    return await conn.execute(
         "SELECT aggregate_type, aggregate_id, stream_seq, aggregate_version FROM dead_letters "
         "WHERE (aggregate_type, aggregate_id) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
         ([t for t, _ in pairs], [i for _, i in pairs]),
     )
+
+
+async def open_letters(cursor: Any) -> dict[tuple[str, str], list[tuple[int, int | None]]]:
+    """(stream_seq, version) of every dead letter that `queue_open_letters` asked for, by aggregate."""
     found: dict[tuple[str, str], list[tuple[int, int | None]]] = {}
-    for kind, ident, seq, version in await cur.fetchall():
+    for kind, ident, seq, version in await cursor.fetchall() if cursor is not None else []:
         found.setdefault((kind, ident), []).append((seq, version))
     return found
 

@@ -1,15 +1,17 @@
 """Applying a batch of events to the read model: exactly once, and in version order per aggregate.
 
 The invariant: a read row at version v accepts only its aggregate's event of version v + 1.
-For one batch, in the caller's transaction:
+For one batch, in the caller's transaction, in two round trips:
   1. the current rows of every aggregate in the batch are read and locked (SELECT … ORDER BY key
      FOR UPDATE: a second projector instance waits, then sees the new versions);
   2. each aggregate's events are taken in version order and folded in memory: version <= current is a
      DUPLICATE (no effect), version == current + 1 is APPLIED, anything higher is a GAP (its
      predecessor has not been applied yet; it must wait, never skip a version);
-  3. the folded rows are written with one multi-row INSERT (new aggregates, ON CONFLICT DO NOTHING)
-     and one multi-row UPDATE guarded by `version = <version read in step 1>`, per table. A row that
-     another instance created in the meantime is not written; its events become CONFLICT (retry soon).
+  3. the folded rows are written with one statement per table: a multi-row INSERT for new aggregates
+     (ON CONFLICT DO NOTHING), a multi-row UPDATE guarded by `version = <version read in step 1>`, and
+     the order change log. A row that another instance created after step 1 (a missing row cannot be
+     locked) is not written; the statement then fails on purpose and the whole batch rolls back, to
+     be applied again, so no batch is ever committed in part.
 A handful of statements per batch, whatever its size.
 """
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection, sql
 
 from orders.v1 import events_pb2
@@ -34,7 +37,6 @@ class Outcome(enum.Enum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
     GAP = "gap"
-    CONFLICT = "conflict"
 
 
 class NeverApplicable(ValueError):
@@ -207,62 +209,6 @@ _PRODUCTS = _Projection(
 PROJECTIONS = {p.kind: p for p in (_ORDERS, _PRODUCTS)}
 
 
-def _json(rows: list[Row]) -> str:
-    return json.dumps(rows, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v))
-
-
-async def _load(conn: AsyncConnection[Any], proj: _Projection, table: str, keys: list[str]) -> dict[str, Row]:
-    query = sql.SQL("SELECT {cols} FROM {table} WHERE {key} = ANY(%s) ORDER BY {key} FOR UPDATE").format(
-        cols=sql.SQL(", ").join(map(sql.Identifier, proj.columns)),
-        table=sql.Identifier(table),
-        key=sql.Identifier(proj.key),
-    )
-    cur = await conn.execute(query, (keys,))
-    names = list(proj.columns)
-    return {row[0]: dict(zip(names, row, strict=True)) for row in await cur.fetchall()}
-
-
-async def _insert(conn: AsyncConnection[Any], proj: _Projection, table: str, rows: list[Row]) -> set[str]:
-    if not rows:
-        return set()
-    record = [f"{name} {kind}" for name, kind in proj.columns.items()] + [t for _, t in proj.insert_extra.values()]
-    query = sql.SQL(
-        "INSERT INTO {table} ({cols}) SELECT {values} FROM jsonb_to_recordset(%s::jsonb) AS r({record}) "
-        "ON CONFLICT ({key}) DO NOTHING RETURNING {key}"
-    ).format(
-        table=sql.Identifier(table),
-        cols=sql.SQL(", ").join(map(sql.Identifier, [*proj.columns, *proj.insert_extra])),
-        values=sql.SQL(", ").join(
-            [sql.SQL("r.") + sql.Identifier(c) for c in proj.columns]
-            + [sql.SQL(expr) for expr, _ in proj.insert_extra.values()]  # type: ignore[arg-type]
-        ),
-        record=sql.SQL(", ".join(record)),  # type: ignore[arg-type]
-        key=sql.Identifier(proj.key),
-    )
-    cur = await conn.execute(query, (_json(rows),))
-    return {row[0] for row in await cur.fetchall()}
-
-
-async def _update(conn: AsyncConnection[Any], proj: _Projection, table: str, rows: list[Row]) -> set[str]:
-    if not rows:
-        return set()
-    fields = [proj.key, *proj.mutable]
-    record = [f"{name} {proj.columns[name]}" for name in fields] + ["base_version bigint"]
-    query = sql.SQL(
-        "UPDATE {table} AS t SET {assignments} FROM jsonb_to_recordset(%s::jsonb) AS r({record}) "
-        "WHERE t.{key} = r.{key} AND t.version = r.base_version RETURNING t.{key}"
-    ).format(
-        table=sql.Identifier(table),
-        assignments=sql.SQL(", ").join(sql.SQL("{c} = r.{c}").format(c=sql.Identifier(c)) for c in proj.mutable),
-        record=sql.SQL(", ".join(record)),  # type: ignore[arg-type]
-        key=sql.Identifier(proj.key),
-    )
-    cur = await conn.execute(
-        query, (_json([{f: row[f] for f in fields} | {"base_version": row["base_version"]} for row in rows]),)
-    )
-    return {row[0] for row in await cur.fetchall()}
-
-
 def _fold_aggregate(proj: _Projection, current: Row | None, items: list[Item], trail: list[Row]) -> Row | None:
     """Fold items (one aggregate) onto current in version order; set each item's outcome.
 
@@ -284,64 +230,171 @@ def _fold_aggregate(proj: _Projection, current: Row | None, items: list[Item], t
     return row
 
 
-async def _log_changes(conn: AsyncConnection[Any], table: str, rows: list[Row]) -> None:
-    """Append order states to the change log (a redelivered batch finds them there already)."""
-    if not rows:
-        return
-    columns = dict(_ORDERS.columns)
-    record = ", ".join(f"{name} {kind}" for name, kind in columns.items())
-    query = sql.SQL(
-        "INSERT INTO {table} ({cols}) SELECT {values} FROM jsonb_to_recordset(%s::jsonb) AS r({record}) "
-        "ON CONFLICT (stream_seq) DO NOTHING"
-    ).format(
+def _json(rows: list[Row]) -> str:
+    return json.dumps(rows, default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v))
+
+
+def _recordset(names: list[str], types: dict[str, str]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.SQL("{} " + types[name]).format(sql.Identifier(name)) for name in names)  # type: ignore[arg-type]
+
+
+def _load_query(proj: _Projection, table: str) -> sql.Composed:
+    return sql.SQL("SELECT {cols} FROM {table} WHERE {key} = ANY(%s) ORDER BY {key} FOR UPDATE").format(
+        cols=sql.SQL(", ").join(map(sql.Identifier, proj.columns)),
         table=sql.Identifier(table),
-        cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
-        values=sql.SQL(", ").join(sql.SQL("r.") + sql.Identifier(c) for c in columns),
-        record=sql.SQL(record),  # type: ignore[arg-type]
+        key=sql.Identifier(proj.key),
     )
-    await conn.execute(query, (_json([{c: row[c] for c in columns} for row in rows]),))
 
 
-async def apply_events(conn: AsyncConnection[Any], items: list[Item], tables: Tables = LIVE) -> list[Change]:
-    """Apply items (each passed check_applicable) in the caller's transaction; see the module doc.
+def _write_query(proj: _Projection, table: str, changes_table: str | None) -> sql.Composed:
+    """One statement writing a batch's rows of one table: the new ones (INSERT … ON CONFLICT DO NOTHING),
+    the changed ones (UPDATE guarded by the version read under lock) and, for orders, every state the
+    rows passed through into the change log. It fails, so that the transaction rolls back, when fewer
+    rows were written than planned: another projector instance created one of them meanwhile (a row
+    that did not exist could not be locked); `concurrent_write` recognises that failure."""
+    key = sql.Identifier(proj.key)
+    insert_types = {**proj.columns, **dict(t.split(" ", 1) for _, t in proj.insert_extra.values())}
+    insert_fields = [*proj.columns, *(t.split(" ", 1)[0] for _, t in proj.insert_extra.values())]
+    update_fields = [proj.key, *proj.mutable]
+    parts: list[sql.Composable] = [
+        sql.SQL(
+            "WITH ins AS (INSERT INTO {table} ({cols}) SELECT {values} FROM jsonb_to_recordset(%(inserts)s::jsonb)"
+            " AS r({record}) ON CONFLICT ({key}) DO NOTHING RETURNING 1), "
+        ).format(
+            table=sql.Identifier(table),
+            cols=sql.SQL(", ").join(map(sql.Identifier, [*proj.columns, *proj.insert_extra])),
+            values=sql.SQL(", ").join(
+                [sql.SQL("r.") + sql.Identifier(c) for c in proj.columns]
+                + [sql.SQL(expr) for expr, _ in proj.insert_extra.values()]  # type: ignore[arg-type]
+            ),
+            record=_recordset(insert_fields, insert_types),
+            key=key,
+        ),
+        sql.SQL(
+            "upd AS (UPDATE {table} AS t SET {assignments} FROM jsonb_to_recordset(%(updates)s::jsonb)"
+            " AS r({record}) WHERE t.{key} = r.{key} AND t.version = r.base_version RETURNING 1)"
+        ).format(
+            table=sql.Identifier(table),
+            assignments=sql.SQL(", ").join(sql.SQL("{c} = r.{c}").format(c=sql.Identifier(c)) for c in proj.mutable),
+            record=_recordset([*update_fields, "base_version"], {**proj.columns, "base_version": "bigint"}),
+            key=key,
+        ),
+    ]
+    if changes_table is not None:  # orders only: the change log that watches resume from
+        parts.append(
+            sql.SQL(
+                ", log AS (INSERT INTO {table} ({cols}) SELECT {values} FROM jsonb_to_recordset(%(trail)s::jsonb)"
+                " AS r({record}) ON CONFLICT (stream_seq) DO NOTHING)"
+            ).format(
+                table=sql.Identifier(changes_table),
+                cols=sql.SQL(", ").join(map(sql.Identifier, proj.columns)),
+                values=sql.SQL(", ").join(sql.SQL("r.") + sql.Identifier(c) for c in proj.columns),
+                record=_recordset(list(proj.columns), proj.columns),
+            )
+        )
+    # The written count comes from the CTEs, so the failing branch cannot be folded at planning time.
+    parts.append(
+        sql.SQL(
+            " SELECT CASE WHEN (SELECT count(*) FROM ins) + (SELECT count(*) FROM upd) = %(planned)s THEN 0"
+            " ELSE CAST(%(conflict)s || ((SELECT count(*) FROM ins) + (SELECT count(*) FROM upd))::text AS int) END"
+        )
+    )
+    return sql.Composed(parts)
 
-    Sets every item's outcome. Returns one Change per order event applied (watchers want each one)
-    and one per product whose row was written (waiters only need the last).
+
+CONCURRENT_WRITE = "ConcurrentWrite: another projector instance created a row first; rows written here: "
+
+
+def concurrent_write(exc: BaseException) -> bool:
+    """Whether exc is a write statement's planned failure: another projector instance created one of
+    the batch's rows first. The transaction rolled back; the batch can be applied again at once (it
+    then reads, and locks, the row the other instance wrote)."""
+    return isinstance(exc, psycopg.errors.InvalidTextRepresentation) and CONCURRENT_WRITE in str(exc)
+
+
+@dataclass
+class Plan:
+    """A batch folded onto the rows it read: the statements that write it, and the changes they make."""
+
+    writes: list[tuple[sql.Composed, dict[str, Any]]]
+    changes: list[Change]
+
+
+async def queue_reads(conn: AsyncConnection[Any], items: list[Item], tables: Tables = LIVE) -> list[Any]:
+    """Send the reads that lock the batch's rows (in pipeline mode they go out together); pass what this
+    returns to `plan`. Always orders before products: the same lock order everywhere."""
+    cursors = []
+    for proj in (_ORDERS, _PRODUCTS):
+        keys = sorted({item.event.aggregate_id for item in items if item.event.aggregate_type == proj.kind})
+        cursors.append(await conn.execute(_load_query(proj, proj.table(tables)), (keys,)) if keys else None)
+    return cursors
+
+
+async def _rows(proj: _Projection, cursor: Any) -> dict[str, Row]:
+    if cursor is None:
+        return {}
+    names = list(proj.columns)
+    return {row[0]: dict(zip(names, row, strict=True)) for row in await cursor.fetchall()}
+
+
+async def plan(items: list[Item], reads: list[Any], tables: Tables = LIVE) -> Plan:
+    """Fold items (each passed check_applicable) onto the rows `queue_reads` read; see the module doc.
+
+    Sets every item's outcome. The changes: one per order event applied (watchers want each one) and
+    one per product whose row is written (waiters only need the last).
     """
     grouped: dict[tuple[str, str], list[Item]] = defaultdict(list)
     for item in items:
         grouped[item.aggregate].append(item)
-    changes: list[Change] = []
-    for proj in (_ORDERS, _PRODUCTS):  # always orders before products: the same lock order everywhere
-        keys = sorted(key for kind, key in grouped if kind == proj.kind)
-        if not keys:
-            continue
-        table = proj.table(tables)
-        current = await _load(conn, proj, table, keys)
+    result = Plan([], [])
+    for proj, cursor in zip((_ORDERS, _PRODUCTS), reads, strict=True):
+        current = await _rows(proj, cursor)
         inserts: list[Row] = []
         updates: list[Row] = []
-        trails: dict[str, list[Row]] = {}
-        for key in keys:
+        trail: list[Row] = []
+        for kind, key in sorted(grouped):
+            if kind != proj.kind:
+                continue
             before = current.get(key)
-            after = _fold_aggregate(proj, before, grouped[(proj.kind, key)], trails.setdefault(key, []))
+            states: list[Row] = []
+            after = _fold_aggregate(proj, before, grouped[(kind, key)], states)
             if after is None or (before is not None and after["version"] == before["version"]):
                 continue
             if before is None:
                 inserts.append(after)
             else:
-                updates.append(after | {"base_version": before["version"]})
-        written = await _insert(conn, proj, table, inserts) | await _update(conn, proj, table, updates)
-        logged: list[Row] = []
-        for row in inserts + updates:
-            key = row[proj.key]
-            if key not in written:  # another projector instance created it first: retry these events
-                for item in grouped[(proj.kind, key)]:
-                    if item.outcome is Outcome.APPLIED:
-                        item.outcome = Outcome.CONFLICT
-                continue
-            states = trails[key] if proj is _ORDERS else [row]
-            logged += states
-            changes += [Change(proj.kind, key, s["version"], s["stream_seq"], s.get("customer_id", "")) for s in states]
-        if proj is _ORDERS and tables.changes:
-            await _log_changes(conn, tables.changes, logged)
-    return changes
+                updates.append({f: after[f] for f in (proj.key, *proj.mutable)} | {"base_version": before["version"]})
+            trail += states if proj is _ORDERS else [after]
+        if not inserts and not updates:
+            continue
+        changes_table = tables.changes if proj is _ORDERS else None
+        params = {
+            "inserts": _json(inserts),
+            "updates": _json(updates),
+            "planned": len(inserts) + len(updates),
+            "conflict": CONCURRENT_WRITE,
+        }
+        if changes_table is not None:
+            params["trail"] = _json([{c: row[c] for c in proj.columns} for row in trail])
+        result.writes.append((_write_query(proj, proj.table(tables), changes_table), params))
+        result.changes += [
+            Change(proj.kind, s[proj.key], s["version"], s["stream_seq"], s.get("customer_id", "")) for s in trail
+        ]
+    return result
+
+
+async def apply_events(conn: AsyncConnection[Any], items: list[Item], tables: Tables = LIVE) -> list[Change]:
+    """Apply items (each passed check_applicable) in the caller's transaction, in two round trips: the
+    locking reads, then the writes. When another instance created one of the rows first, the writes
+    fail (see concurrent_write) and the transaction with them."""
+    async with conn.pipeline():
+        reads = await queue_reads(conn, items, tables)
+    folded = await plan(items, reads, tables)
+    await execute_writes(conn, folded)
+    return folded.changes
+
+
+async def execute_writes(conn: AsyncConnection[Any], folded: Plan) -> None:
+    """Send the plan's writes (in pipeline mode they go out together with what follows)."""
+    for query, params in folded.writes:
+        await conn.execute(query, params)
