@@ -18,6 +18,7 @@ A handful of statements per batch, whatever its size.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 from collections import defaultdict
 from collections.abc import Callable
@@ -238,7 +239,9 @@ def _recordset(names: list[str], types: dict[str, str]) -> sql.Composable:
     return sql.SQL(", ").join(sql.SQL("{} " + types[name]).format(sql.Identifier(name)) for name in names)  # type: ignore[arg-type]
 
 
-def _load_query(proj: _Projection, table: str) -> sql.Composed:
+@functools.cache
+def _load_query(kind: str, table: str) -> sql.Composed:
+    proj = PROJECTIONS[kind]
     return sql.SQL("SELECT {cols} FROM {table} WHERE {key} = ANY(%s) ORDER BY {key} FOR UPDATE").format(
         cols=sql.SQL(", ").join(map(sql.Identifier, proj.columns)),
         table=sql.Identifier(table),
@@ -246,12 +249,14 @@ def _load_query(proj: _Projection, table: str) -> sql.Composed:
     )
 
 
-def _write_query(proj: _Projection, table: str, changes_table: str | None) -> sql.Composed:
+@functools.cache  # composed once per table: psycopg then finds the statement it prepared by its text
+def _write_query(kind: str, table: str, changes_table: str | None) -> sql.Composed:
     """One statement writing a batch's rows of one table: the new ones (INSERT … ON CONFLICT DO NOTHING),
     the changed ones (UPDATE guarded by the version read under lock) and, for orders, every state the
     rows passed through into the change log. It fails, so that the transaction rolls back, when fewer
     rows were written than planned: another projector instance created one of them meanwhile (a row
     that did not exist could not be locked); `concurrent_write` recognises that failure."""
+    proj = PROJECTIONS[kind]
     key = sql.Identifier(proj.key)
     insert_types = {**proj.columns, **dict(t.split(" ", 1) for _, t in proj.insert_extra.values())}
     insert_fields = [*proj.columns, *(t.split(" ", 1)[0] for _, t in proj.insert_extra.values())]
@@ -326,7 +331,7 @@ async def queue_reads(conn: AsyncConnection[Any], items: list[Item], tables: Tab
     cursors = []
     for proj in (_ORDERS, _PRODUCTS):
         keys = sorted({item.event.aggregate_id for item in items if item.event.aggregate_type == proj.kind})
-        cursors.append(await conn.execute(_load_query(proj, proj.table(tables)), (keys,)) if keys else None)
+        cursors.append(await conn.execute(_load_query(proj.kind, proj.table(tables)), (keys,)) if keys else None)
     return cursors
 
 
@@ -376,7 +381,7 @@ async def plan(items: list[Item], reads: list[Any], tables: Tables = LIVE) -> Pl
         }
         if changes_table is not None:
             params["trail"] = _json([{c: row[c] for c in proj.columns} for row in trail])
-        result.writes.append((_write_query(proj, proj.table(tables), changes_table), params))
+        result.writes.append((_write_query(proj.kind, proj.table(tables), changes_table), params))
         result.changes += [
             Change(proj.kind, s[proj.key], s["version"], s["stream_seq"], s.get("customer_id", "")) for s in trail
         ]

@@ -47,12 +47,16 @@ def drain(base: Settings, batch: int, run: int, work: Path) -> float:
             "projector_batch": batch,
             **local_stack.free_addresses(),
             "log_level": "WARNING",
+            "auth": "off",  # the projector serves only its AdminService and health here, on loopback
         }
     )
     asyncio.run(migrate(settings))
     proc = local_stack.start_service("projector", settings.to_env(), work / f"logs-{batch}-{run}")
     try:
-        local_stack.wait_until(lambda: local_stack.grpc_serving(settings.admin_addr), 60, "projector SERVING")
+        try:
+            local_stack.wait_until(lambda: local_stack.grpc_serving(settings.admin_addr), 60, "projector SERVING")
+        except TimeoutError:
+            raise SystemExit(f"the projector did not start serving; its log ends:\n{proc.log_tail()}") from None
         started = time.monotonic()
         local_stack.wait_until(lambda: asyncio.run(lag_events(settings)) == 0, 3600, "backlog drained", interval=0.5)
         return time.monotonic() - started
