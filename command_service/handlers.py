@@ -4,7 +4,7 @@ Every command runs on the pooled connection's psycopg driver connection in two r
 mode), through `CommandHandlers._transact`:
   1. BEGIN, claim the request_id, and the command's reads, which lock what it changes;
   2. after the rule has been decided in Python on what those reads returned: the writes, the outbox
-     rows and the stored response, COMMIT.
+     rows and the stored response as one statement (`one_statement`), COMMIT.
 A claim that conflicts rolls everything back and answers with the response the earlier identical
 request stored; a rule that fails (not found, version conflict, not enough stock) raises between the
 two round trips, which rolls back too, so bad input writes nothing. Nothing is published inside the
@@ -121,11 +121,24 @@ CREATE_PRODUCT_SQL = (
 UPDATE_PRODUCT_SQL = (
     "UPDATE products SET name = %s, unit_price_minor = %s, currency = %s, version = %s, updated_at = %s WHERE sku = %s"
 )
+# Binary parameters (%b): text-format bytea[] and jsonb[] arrays would be escaped element by element.
 INSERT_OUTBOX_SQL = (
     "INSERT INTO outbox (event_id, subject, headers, payload) "
-    "SELECT * FROM unnest(%s::uuid[], %s::text[], %s::jsonb[], %s::bytea[])"
+    "SELECT * FROM unnest(%b::uuid[], %b::text[], %b::jsonb[], %b::bytea[])"
 )
 STORE_RESPONSE_SQL = "UPDATE idempotency_keys SET response = %s WHERE request_id = %s"
+
+
+def one_statement(statements: list[Statement]) -> Statement:
+    """Several writes as one statement (each a data-modifying CTE), so that psycopg and PostgreSQL do
+    their per-statement work once. The writes see the same snapshot and run in no defined order, which
+    is sound only because no two of them change the same row (each command's writes go to different
+    tables: the order, its items, products, outbox rows, the stored response); foreign keys are
+    checked at the end of the statement, when all of them are done."""
+    if len(statements) == 1:
+        return statements[0]
+    text = "WITH " + ", ".join(f"w{i} AS ({sql.strip()})" for i, (sql, _) in enumerate(statements)) + " SELECT 1"
+    return text, [param for _, params in statements for param in params]
 
 
 class _AlreadyClaimed(Exception):
@@ -195,10 +208,9 @@ class CommandHandlers:
                 if await claim.fetchone() is None:
                     raise _AlreadyClaimed
                 decision = await decide(conn, [await cur.fetchall() for cur in cursors])
+                stored = (STORE_RESPONSE_SQL, (decision.response.SerializeToString(), request_id))
                 async with conn.pipeline():
-                    for sql, params in [*decision.writes, _outbox_rows(decision.events)]:
-                        await conn.execute(sql, params)
-                    await conn.execute(STORE_RESPONSE_SQL, (decision.response.SerializeToString(), request_id))
+                    await conn.execute(*one_statement([*decision.writes, _outbox_rows(decision.events), stored]))
                     await conn.commit()
         except _AlreadyClaimed:
             return await self._stored(request, command, digest, parse)
