@@ -2,8 +2,7 @@
 
 Every command runs on the pooled connection's psycopg driver connection in two round trips (pipeline
 mode), through `CommandHandlers._transact`:
-  1. BEGIN, claim the request_id, and the command's reads, which lock what it changes (the claim and
-     the first read as one statement, `_with_claim`);
+  1. BEGIN, claim the request_id, and the command's reads, which lock what it changes;
   2. after the rule has been decided in Python on what those reads returned: the writes, the outbox
      rows and the stored response as one statement (`one_statement`), COMMIT.
 A claim that conflicts rolls everything back and answers with the response the earlier identical
@@ -130,18 +129,6 @@ INSERT_OUTBOX_SQL = (
 STORE_RESPONSE_SQL = "UPDATE idempotency_keys SET response = %s WHERE request_id = %s"
 
 
-def _with_claim(read: Statement, claim: Sequence[Any]) -> Statement:
-    """The claim of the request_id and a command's first read as one statement. Its rows: (claimed,
-    found, *the read's columns); one row (claimed, NULL, …) when the read found nothing. The claim
-    runs whether or not the read finds anything, as it would as a statement of its own."""
-    sql, params = read
-    text = (
-        f"WITH claim AS ({CLAIM_SQL}), r0 AS ({sql.strip()}) SELECT c.claimed, r.* FROM"
-        " (SELECT EXISTS (SELECT FROM claim) AS claimed) c LEFT JOIN (SELECT true AS found, * FROM r0) r ON true"
-    )
-    return text, [*claim, *params]
-
-
 def one_statement(statements: list[Statement]) -> Statement:
     """Several writes as one statement (each a data-modifying CTE), so that psycopg and PostgreSQL do
     their per-statement work once. The writes see the same snapshot and run in no defined order, which
@@ -215,16 +202,12 @@ class CommandHandlers:
         digest = request_hash(request)
         try:
             async with driver_transaction(self._engine) as conn:
-                first, *others = reads
                 async with conn.pipeline():
-                    cursors = [
-                        await conn.execute(*_with_claim(first, (request_id, command, digest))),
-                        *[await conn.execute(sql, params) for sql, params in others],
-                    ]
-                claimed, *results = [await cur.fetchall() for cur in cursors]
-                if not claimed[0][0]:
+                    claim = await conn.execute(CLAIM_SQL, (request_id, command, digest))
+                    cursors = [await conn.execute(sql, params) for sql, params in reads]
+                if await claim.fetchone() is None:
                     raise _AlreadyClaimed
-                decision = await decide(conn, [[row[2:] for row in claimed if row[1]], *results])
+                decision = await decide(conn, [await cur.fetchall() for cur in cursors])
                 stored = (STORE_RESPONSE_SQL, (decision.response.SerializeToString(), request_id))
                 async with conn.pipeline():
                     await conn.execute(*one_statement([*decision.writes, _outbox_rows(decision.events), stored]))
