@@ -135,8 +135,6 @@ def one_statement(statements: list[Statement]) -> Statement:
     is sound only because no two of them change the same row (each command's writes go to different
     tables: the order, its items, products, outbox rows, the stored response); foreign keys are
     checked at the end of the statement, when all of them are done."""
-    if len(statements) == 1:
-        return statements[0]
     text = "WITH " + ", ".join(f"w{i} AS ({sql.strip()})" for i, (sql, _) in enumerate(statements)) + " SELECT 1"
     return text, [param for _, params in statements for param in params]
 
