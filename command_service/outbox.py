@@ -1,11 +1,18 @@
 """The outbox relay: publishes committed outbox rows to JetStream, at least once, in order per aggregate.
 
 Invariants:
-- A row is marked published only after JetStream acknowledged it (PubAck), so a crash between
-  publish and mark publishes it again; the stream drops the copy because Nats-Msg-Id = event_id
-  (within the stream's duplicate window; the PubAck then says `duplicate`).
-- Rows are read as `WHERE published_at IS NULL ORDER BY id`, never with a cursor over id: ids are
+- The outbox holds exactly the events not yet acknowledged by JetStream. A row is deleted only after
+  its PubAck, in the same round, so a crash between publish and delete publishes it again; the
+  stream drops the copy because Nats-Msg-Id = event_id (within the stream's duplicate window; the
+  PubAck then says `duplicate`). Deleting instead of marking costs one write per row, not an UPDATE
+  (a new row version and index entries) followed by a later DELETE; the published events' record is
+  the stream itself, the write database keeps the state they describe.
+- Rows are read as `ORDER BY id` from the start of the table, never with a cursor over id: ids are
   allocated before commit, and a cursor would skip a row whose transaction committed late.
+- Per aggregate, outbox id order is version order: every handler takes the aggregate's row lock
+  (FOR UPDATE, or the insert of a new aggregate) before it inserts the aggregate's outbox rows, and
+  holds it until commit, so the next version's row can only be inserted, with a larger id, after
+  this one committed.
 - Per aggregate (= per subject), an event is published only after the previous event of that
   aggregate in the batch was acknowledged, and a failure stops that aggregate's chain for the round.
   So the stream holds each aggregate's events in version order even when a publish times out, the
@@ -17,7 +24,6 @@ Invariants:
 - A commit in any process reaches the leader at once: a relay that does not lead passes its process's
   commits on as a core NATS message (WAKE_SUBJECT, coalesced: one per wait), and looks for the lock
   only every relay_poll_interval. The poll still finds whatever a lost wake-up left behind.
-- Published rows are deleted once older than `outbox_retention`, in bounded batches.
 """
 
 from __future__ import annotations
@@ -44,7 +50,6 @@ from orders.runtime import Throttle
 log = logging.getLogger(__name__)
 
 RELAY_LOCK_KEY = 0x6F72646572730001  # pg_advisory_lock key: "orders" + relay id 1
-CLEANUP_BATCH = 5000
 BACKLOG_LOG_INTERVAL = 10.0  # seconds between log lines about a backlog
 RETRY_BASE_DELAY = 0.2
 RETRY_MAX_DELAY = 5.0
@@ -56,6 +61,11 @@ PUBLISH_SECONDS = Histogram(
     "orders_outbox_publish_seconds",
     "One event's publish until its PubAck",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
+)
+ROUND_EVENTS = Histogram(
+    "orders_outbox_round_events",
+    "Events acknowledged per relay round (its _count is the number of rounds that published)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 BACKLOG = Gauge("orders_outbox_backlog_events", "Unpublished outbox rows, measured every few seconds by the leader")
 OLDEST = Gauge("orders_outbox_oldest_unpublished_seconds", "Age of the oldest unpublished outbox row (0 when none)")
@@ -74,7 +84,6 @@ class OutboxRelay:
         self._settings = settings
         self._wake = asyncio.Event()
         self._conn: psycopg.AsyncConnection[Any] | None = None
-        self._next_cleanup = 0.0
         self._next_backlog_check = 0.0
         self.published_total = 0
         self.duplicates_total = 0
@@ -204,12 +213,12 @@ class OutboxRelay:
         self.is_leader = False
 
     async def _round(self, js: JetStreamContext) -> RoundOutcome:
-        """Publish one batch of unpublished rows and mark the acknowledged ones."""
+        """Publish one batch of outbox rows and delete the acknowledged ones."""
         conn = await self._leader_connection()
         if conn is None:
             return RoundOutcome.DRAINED  # another process publishes; poll for its lock
         cur = await conn.execute(
-            "SELECT id, subject, headers, payload FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT %s",
+            "SELECT id, subject, headers, payload FROM outbox ORDER BY id LIMIT %s",
             (self._settings.relay_batch,),
         )
         rows = await cur.fetchall()
@@ -240,9 +249,10 @@ class OutboxRelay:
 
         await asyncio.gather(*(publish_chain(chain) for chain in chains.values()))
         if acked:
-            await conn.execute("UPDATE outbox SET published_at = now() WHERE id = ANY(%s)", (acked,))
+            await conn.execute("DELETE FROM outbox WHERE id = ANY(%s)", (acked,))
             self.published_total += len(acked)
             PUBLISHED.inc(len(acked))
+            ROUND_EVENTS.observe(len(acked))
         if duplicates:
             self.duplicates_total += duplicates
             log.info("outbox relay: %d events were already in the stream; JetStream dropped the copies", duplicates)
@@ -259,17 +269,10 @@ class OutboxRelay:
         return RoundOutcome.MORE if len(rows) == self._settings.relay_batch else RoundOutcome.DRAINED
 
     async def _housekeeping(self) -> None:
-        """Every so often, as leader: delete old published rows, measure and log the backlog."""
+        """Every few seconds, as leader: measure, report and log the backlog."""
         if self._conn is None:
             return
         now = time.monotonic()
-        if now >= self._next_cleanup:
-            self._next_cleanup = now + self._settings.outbox_cleanup_interval
-            deleted = await delete_published(self._conn, self._settings.outbox_retention)
-            if deleted:
-                log.info(
-                    "outbox relay: deleted %d published rows older than %.0fs", deleted, self._settings.outbox_retention
-                )
         if now >= self._next_backlog_check:
             self._next_backlog_check = now + outbox_report.INTERVAL
             waiting, oldest = await backlog_state(self._conn)
@@ -287,26 +290,11 @@ class OutboxRelay:
                 await self._nc.publish(outbox_report.SUBJECT, report.encode())
 
 
-async def delete_published(conn: psycopg.AsyncConnection[Any], retention: float) -> int:
-    """Delete rows published more than retention seconds ago, CLEANUP_BATCH at a time; return how many."""
-    total = 0
-    while True:
-        cur = await conn.execute(
-            "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE published_at < now() - make_interval("
-            "secs => %s) ORDER BY id LIMIT %s)",
-            (retention, CLEANUP_BATCH),
-        )
-        total += cur.rowcount
-        if cur.rowcount < CLEANUP_BATCH:
-            return total
-
-
 async def backlog_state(conn: psycopg.AsyncConnection[Any]) -> tuple[int, float]:
-    """Outbox rows not yet published, and the age in seconds of the oldest of them (0 when none); both
-    read from the partial index of unpublished rows."""
+    """Outbox rows (all unpublished), and the age in seconds of the oldest of them (0 when none)."""
     cur = await conn.execute(
         "SELECT count(*), coalesce(extract(epoch FROM now() - (SELECT created_at FROM outbox"
-        " WHERE published_at IS NULL ORDER BY id LIMIT 1)), 0)::float8 FROM outbox WHERE published_at IS NULL"
+        " ORDER BY id LIMIT 1)), 0)::float8 FROM outbox"
     )
     row = await cur.fetchone()
     return (int(row[0]), max(0.0, float(row[1]))) if row else (0, 0.0)

@@ -48,8 +48,9 @@ order_items = sa.Table(
     sa.Column("unit_price_minor", sa.BigInteger, nullable=False),
 )
 
-# Events waiting for (or done with) publication. The relay reads `published_at IS NULL ORDER BY id`:
-# never a cursor over id, because ids are taken before commit and a late commit would be skipped.
+# Events waiting for publication: the relay reads `ORDER BY id` from the start, never a cursor over id
+# (ids are taken before commit, and a late commit would be skipped), and deletes a row once JetStream
+# acknowledged it.
 outbox = sa.Table(
     "outbox",
     metadata,
@@ -59,8 +60,6 @@ outbox = sa.Table(
     sa.Column("headers", JSONB, nullable=False),
     sa.Column("payload", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
-    sa.Column("published_at", sa.DateTime(timezone=True)),
-    sa.Index("outbox_unpublished", "id", postgresql_where=sa.text("published_at IS NULL")),
 )
 
 # One row per request_id: the command, a hash of its payload and the response it produced.

@@ -155,12 +155,6 @@ class Settings:
     relay_poll_interval: float = _setting(
         1.0, _parse_positive_float, "Seconds between outbox polls when no commit wakes the relay."
     )
-    outbox_retention: float = _setting(
-        86400.0, _parse_positive_float, "Seconds a published outbox row is kept before it is deleted."
-    )
-    outbox_cleanup_interval: float = _setting(
-        60.0, _parse_positive_float, "Seconds between deletions of old published outbox rows."
-    )
     projector_batch: int = _setting(256, _parse_positive_int, "Events fetched and applied per transaction.")
     ack_wait: float = _setting(
         5.0, _parse_positive_float, "Seconds before an unacked event is redelivered (a batch still applying renews it)."
