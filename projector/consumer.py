@@ -1,5 +1,9 @@
 """The projector's consumer loop: fetch a batch, apply it in one read-database transaction, then ack.
 
+The next batch is fetched while the current one applies (its fetch overlaps the commit's round
+trips); batches are still applied one after the other, in delivery order, and a projector that stops
+applies the batch it fetched meanwhile before it goes (nothing it holds waits for ack_wait).
+
 Invariants:
 - Acks are sent only after the batch's transaction committed; a crash before that makes JetStream
   redeliver, and the version check in projections turns the redelivery into a no-op.
@@ -205,19 +209,35 @@ class Projector:
             sub = await self._subscribe(js)
             self.consuming = True
             empty_fetches = 0
-            while not stop.is_set():
-                msgs = await self.next_batch(sub, FETCH_TIMEOUT)
-                if not msgs:
-                    empty_fetches += 1
-                    if empty_fetches >= STALL_CHECK_FETCHES:
-                        sub = await self._check_stalled(nc, js, sub)
-                        empty_fetches = 0
-                    continue
-                empty_fetches = 0
-                with BATCH_SECONDS.time():
-                    await self._handle_renewing(msgs)
+            prefetch: asyncio.Future[list[Msg]] | None = None
+            try:
+                while not stop.is_set():
+                    msgs = await prefetch if prefetch else await self.next_batch(sub, FETCH_TIMEOUT)
+                    prefetch = None
+                    if not msgs:
+                        empty_fetches += 1
+                        if empty_fetches >= STALL_CHECK_FETCHES:
+                            sub = await self._check_stalled(nc, js, sub)
+                            empty_fetches = 0
+                        continue
+                    empty_fetches = 0
+                    prefetch = asyncio.ensure_future(self.next_batch(sub, FETCH_TIMEOUT))
+                    with BATCH_SECONDS.time():
+                        await self._handle_renewing(msgs, prefetch)
+                if prefetch is not None:  # stopping: what was fetched meanwhile is applied, not left to ack_wait
+                    msgs, prefetch = await prefetch, None
+                    if msgs:
+                        await self._handle_renewing(msgs)
+            finally:
+                if prefetch is not None:
+                    prefetch.cancel()
         finally:
             await jetstream.close(nc)
+
+    @staticmethod
+    def fetched(prefetch: asyncio.Future[list[Msg]] | None) -> list[Msg]:
+        """What a finished prefetch holds ([] while it is still fetching)."""
+        return prefetch.result() if prefetch and prefetch.done() and not prefetch.cancelled() else []
 
     async def _on_outbox_report(self, msg: Msg) -> None:
         try:
@@ -225,12 +245,13 @@ class Projector:
         except ValueError as exc:
             log.warning("ignoring a malformed outbox report: %s", exc)
 
-    async def _handle_renewing(self, msgs: list[Msg]) -> None:
-        """handle_batch(msgs), telling JetStream every ack_wait/2 that the batch is still being worked on
-        (a batch that applies slowly, say behind a lock, is not redelivered meanwhile)."""
+    async def _handle_renewing(self, msgs: list[Msg], prefetch: asyncio.Future[list[Msg]] | None = None) -> None:
+        """handle_batch(msgs), telling JetStream every ack_wait/2 that the batch, and the next batch
+        already fetched meanwhile, are still being worked on (a batch that applies slowly, say behind a
+        lock or during a read-database outage, is not redelivered meanwhile, nor is the one behind it)."""
         batch = asyncio.ensure_future(self.handle_batch(msgs))
         while not (await asyncio.wait({batch}, timeout=self._settings.ack_wait / 2))[0]:
-            for msg in msgs:
+            for msg in [*msgs, *self.fetched(prefetch)]:
                 with contextlib.suppress(Exception):  # acked meanwhile, or the connection broke: harmless
                     await msg.in_progress()
         batch.result()
