@@ -13,11 +13,16 @@ Invariants:
   (FOR UPDATE, or the insert of a new aggregate) before it inserts the aggregate's outbox rows, and
   holds it until commit, so the next version's row can only be inserted, with a larger id, after
   this one committed.
-- Per aggregate (= per subject), an event is published only after the previous event of that
-  aggregate in the batch was acknowledged, and a failure stops that aggregate's chain for the round.
-  So the stream holds each aggregate's events in version order even when a publish times out, the
-  connection drops mid-batch, or the client re-sends buffered messages after a reconnect. Different
-  aggregates are published concurrently (up to `relay_batch` acks in flight).
+- Each round's rows go out in id order as one atomic batch (JetStream 2.12+, the stream allows it):
+  JetStream stores a batch whole, in order and contiguously, or not at all, and the next batch is
+  sent only after the previous one's PubAck. So every aggregate's events are stored in version order,
+  whatever fails in between (a batch cut off by a disconnect is abandoned by the server; a batch
+  whose PubAck was lost is sent again, see next).
+- A batch that holds an event the stream already has (a PubAck lost, a crash before the delete) is
+  refused whole (error 10201, duplicate message id). That batch, and any batch on a stream or server
+  without atomic publishes, goes out event by event instead: per aggregate (= per subject) an event
+  only after the previous event of that aggregate was acknowledged, a failure stopping that
+  aggregate's chain for the round, different aggregates concurrently; JetStream drops the copies.
 - Only one relay publishes at a time, across processes: it holds a PostgreSQL session advisory lock
   on the connection it reads and marks with. If that connection breaks, the lock goes with it and
   the relay re-acquires it (or another process, polling, takes over).
@@ -31,12 +36,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 import logging
 import os
 import time
+import uuid
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
+import nats.js.errors
 import psycopg
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
@@ -54,12 +63,15 @@ BACKLOG_LOG_INTERVAL = 10.0  # seconds between log lines about a backlog
 RETRY_BASE_DELAY = 0.2
 RETRY_MAX_DELAY = 5.0
 WAKE_SUBJECT = "orders.v1.relay.wake"  # core NATS: "there are new outbox rows", to whichever relay leads
+ATOMIC_BATCH_MAX = 1000  # nats-server's default ceiling of messages per atomic batch
+ATOMIC_PUBLISH_DISABLED = 10174  # JetStream API error codes (nats-server's errors.json)
+ATOMIC_BATCH_HAS_DUPLICATE = 10201
 
 PUBLISHED = Counter("orders_outbox_published_events", "Outbox events acknowledged by JetStream")
 PUBLISH_FAILURES = Counter("orders_outbox_publish_failures", "Publishes that failed and stay in the outbox")
 PUBLISH_SECONDS = Histogram(
     "orders_outbox_publish_seconds",
-    "One event's publish until its PubAck",
+    "One event's publish until its PubAck (for an event sent in an atomic batch: the batch's)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0),
 )
 ROUND_EVENTS = Histogram(
@@ -77,6 +89,19 @@ class RoundOutcome(enum.Enum):
     FAILED = "failed"  # publishing or the database failed: retry after a back-off
 
 
+@dataclass
+class Published:
+    """What one round's publishes came to."""
+
+    acked: list[int] = field(default_factory=list)  # outbox ids JetStream acknowledged (stored or duplicate)
+    duplicates: int = 0  # of those, events the stream already had
+    failures: list[BaseException] = field(default_factory=list)
+
+
+class NotAtomic(Exception):
+    """JetStream did not take the batch as one (it holds a duplicate, or atomic publishes are off)."""
+
+
 class OutboxRelay:
     """Moves outbox rows to JetStream. Call `wake()` after a commit; `run()` until cancelled."""
 
@@ -92,6 +117,7 @@ class OutboxRelay:
         self._failing: str | None = None  # why the last round failed; None once a round succeeds
         self.backlog: tuple[int, float] = (0, 0.0)  # unpublished rows and the oldest one's age, last measured
         self._backlog_logged = Throttle(BACKLOG_LOG_INTERVAL)
+        self._atomic = True  # until the server shows it cannot take atomic batches (then per connection)
 
     async def probe(self) -> str | None:
         """Health probe: None while NATS answers, the last round did not fail, and the backlog stays
@@ -122,6 +148,7 @@ class OutboxRelay:
 
     async def _run_connected(self) -> None:
         nc = self._nc = await jetstream.connect(self._settings, "orders-command-relay")
+        self._atomic = True
         try:
             await self._ensure_stream(nc)
             await nc.subscribe(WAKE_SUBJECT, cb=self._on_remote_commit)
@@ -225,12 +252,92 @@ class OutboxRelay:
         if not rows:
             return RoundOutcome.DRAINED
         started = time.monotonic()
+        published = Published()
+        for start in range(0, len(rows), ATOMIC_BATCH_MAX):
+            batch = rows[start : start + ATOMIC_BATCH_MAX]
+            try:
+                if not self._atomic:
+                    raise NotAtomic("atomic publishes are off")
+                await self._publish_atomically(batch)
+                published.acked += [row[0] for row in batch]
+            except NotAtomic as exc:
+                log.debug("outbox relay: publishing %d events one by one (%s)", len(batch), exc)
+                await self._publish_one_by_one(js, batch, published)
+            except Exception as exc:  # timeout, disconnect, API error: retried next round
+                published.failures.append(exc)
+                PUBLISH_FAILURES.inc(len(batch))
+            if published.failures:
+                break
+        if published.acked:
+            await conn.execute("DELETE FROM outbox WHERE id = ANY(%s)", (published.acked,))
+            self.published_total += len(published.acked)
+            PUBLISHED.inc(len(published.acked))
+            ROUND_EVENTS.observe(len(published.acked))
+        if published.duplicates:
+            self.duplicates_total += published.duplicates
+            log.info(
+                "outbox relay: %d events were already in the stream; JetStream dropped the copies",
+                published.duplicates,
+            )
+        if published.failures:
+            failure = published.failures[0]
+            log.warning(
+                "outbox relay: %d of %d publishes failed (%s: %s); they stay in the outbox and are retried",
+                len(rows) - len(published.acked),
+                len(rows),
+                type(failure).__name__,
+                failure,
+            )
+            return RoundOutcome.FAILED
+        log.debug(
+            "outbox relay: published %d events in %.1f ms", len(published.acked), (time.monotonic() - started) * 1000
+        )
+        return RoundOutcome.MORE if len(rows) == self._settings.relay_batch else RoundOutcome.DRAINED
+
+    async def _publish_atomically(self, batch: list[tuple[Any, ...]]) -> None:
+        """Publish batch as one atomic batch: every message but the last without a reply, the last
+        committing the batch and answered by its PubAck. Raises NotAtomic when JetStream refuses the batch
+        as a whole for holding a duplicate or does not do atomic batches; any other failure as it is."""
+        assert self._nc is not None
+        batch_id = uuid.uuid4().hex
+        sent = time.perf_counter()
+        for number, (_, subject, headers, payload) in enumerate(batch, 1):
+            marked = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(number)}
+            if number < len(batch):
+                await self._nc.publish(subject, bytes(payload), headers=marked)
+                continue
+            marked["Nats-Batch-Commit"] = "1"
+            reply = await self._nc.request(
+                subject, bytes(payload), timeout=self._settings.publish_timeout, headers=marked
+            )
+        ack = json.loads(reply.data)
+        error = ack.get("error")
+        if error and error.get("err_code") == ATOMIC_BATCH_HAS_DUPLICATE:
+            raise NotAtomic(error.get("description", "duplicate message id"))
+        if error and error.get("err_code") == ATOMIC_PUBLISH_DISABLED:
+            self._atomic_off("the stream does not allow atomic publishes")
+            raise NotAtomic(error.get("description", "atomic publish disabled"))
+        if error:
+            raise nats.js.errors.APIError.from_error(error)
+        if ack.get("batch") != batch_id or ack.get("count") != len(batch):
+            # A server without atomic batches stored each message on its own, and answered only the
+            # last: the others may or may not be stored, so they go again one by one (deduplicated).
+            self._atomic_off("nats-server does not do atomic batches (2.12+ does)")
+            raise NotAtomic("the PubAck is not a batch's")
+        elapsed = time.perf_counter() - sent
+        for _ in batch:
+            PUBLISH_SECONDS.observe(elapsed)
+
+    def _atomic_off(self, why: str) -> None:
+        if self._atomic:
+            log.warning("outbox relay: %s; publishing event by event, one PubAck each", why)
+        self._atomic = False
+
+    async def _publish_one_by_one(self, js: JetStreamContext, batch: list[tuple[Any, ...]], into: Published) -> None:
+        """Publish each event on its own: per aggregate one after the other, aggregates concurrently."""
         chains: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
-        for row in rows:
+        for row in batch:
             chains[row[1]].append(row)
-        acked: list[int] = []
-        failures: list[BaseException] = []
-        duplicates = 0
 
         async def publish_chain(chain: list[tuple[Any, ...]]) -> None:
             for row_id, subject, headers, payload in chain:
@@ -238,35 +345,14 @@ class OutboxRelay:
                 try:
                     ack = await js.publish(subject, bytes(payload), headers=dict(headers))
                 except Exception as exc:  # timeout, disconnect, API error: retried next round
-                    failures.append(exc)
+                    into.failures.append(exc)
                     PUBLISH_FAILURES.inc()
                     return
                 PUBLISH_SECONDS.observe(time.perf_counter() - sent)
-                acked.append(row_id)
-                if ack.duplicate:
-                    nonlocal duplicates
-                    duplicates += 1
+                into.acked.append(row_id)
+                into.duplicates += ack.duplicate is True
 
         await asyncio.gather(*(publish_chain(chain) for chain in chains.values()))
-        if acked:
-            await conn.execute("DELETE FROM outbox WHERE id = ANY(%s)", (acked,))
-            self.published_total += len(acked)
-            PUBLISHED.inc(len(acked))
-            ROUND_EVENTS.observe(len(acked))
-        if duplicates:
-            self.duplicates_total += duplicates
-            log.info("outbox relay: %d events were already in the stream; JetStream dropped the copies", duplicates)
-        if failures:
-            log.warning(
-                "outbox relay: %d of %d publishes failed (%s: %s); they stay in the outbox and are retried",
-                len(rows) - len(acked),
-                len(rows),
-                type(failures[0]).__name__,
-                failures[0],
-            )
-            return RoundOutcome.FAILED
-        log.debug("outbox relay: published %d events in %.1f ms", len(acked), (time.monotonic() - started) * 1000)
-        return RoundOutcome.MORE if len(rows) == self._settings.relay_batch else RoundOutcome.DRAINED
 
     async def _housekeeping(self) -> None:
         """Every few seconds, as leader: measure, report and log the backlog."""

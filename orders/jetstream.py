@@ -69,7 +69,8 @@ async def connect(target: Settings | str, name: str, *, retry_forever: bool = Tr
 
 
 def stream_config(settings: Settings) -> api.StreamConfig:
-    """The event stream: file storage, kept for ever (it is the replay source), deduplicated."""
+    """The event stream: file storage, kept for ever (it is the replay source), deduplicated, open to
+    atomic batch publishes (nats-server 2.12+; the relay sends each round as one batch)."""
     return api.StreamConfig(
         name=settings.stream,
         subjects=[SUBJECT_WILDCARD],
@@ -79,6 +80,7 @@ def stream_config(settings: Settings) -> api.StreamConfig:
         max_age=0,
         num_replicas=settings.stream_replicas,
         duplicate_window=settings.duplicate_window,
+        allow_atomic=True,
     )
 
 

@@ -59,7 +59,7 @@ def _testcontainers() -> Iterator[Infra]:
 
     with (
         PostgresContainer("postgres:17", driver=None) as pg,
-        DockerContainer("nats:2.11").with_command("-js -sd /data").with_exposed_ports(4222) as nats,
+        DockerContainer("nats:2.12").with_command("-js -sd /data").with_exposed_ports(4222) as nats,
     ):
         wait_for_logs(nats, "Server is ready", timeout=60)
         base = make_url(pg.get_connection_url())

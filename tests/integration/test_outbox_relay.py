@@ -39,6 +39,7 @@ class StreamEvent:
     msg_id: str
     aggregate: tuple[str, str]
     version: int
+    batch: str | None  # the relay's atomic batch that stored it (Nats-Batch-Id), if any
 
 
 async def _read_stream(settings: Settings) -> list[StreamEvent]:
@@ -56,6 +57,7 @@ async def _read_stream(settings: Settings) -> list[StreamEvent]:
                     (msg.headers or {})["Nats-Msg-Id"],
                     (envelope.aggregate_type, envelope.aggregate_id),
                     envelope.aggregate_version,
+                    (msg.headers or {}).get("Nats-Batch-Id"),
                 )
             )
         return events
@@ -246,6 +248,49 @@ def test_only_one_relay_publishes_and_another_takes_over(
     finally:
         first.stop()
         second.stop()
+
+
+def test_rounds_go_out_as_atomic_batches_and_event_by_event_where_the_stream_refuses_them(
+    infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
+) -> None:
+    """Each relay round is one atomic batch: its events carry one Nats-Batch-Id and lie next to each other
+    in the stream. On a stream that refuses atomic publishes (an operator turned them off), the relay
+    publishes event by event instead and nothing is lost, doubled or reordered."""
+    settings = isolated_settings(infra, nats_url=own_nats.url)
+    asyncio.run(migrate(settings))
+    service = CommandProcess(settings, tmp_path)
+    try:
+        service.product("ATOM-1", 1000)
+        service.product("ATOM-2", 1000)
+        for _ in range(20):
+            service.order("ATOM-1", "ATOM-2")
+        eventually(lambda: unpublished(settings) == 0, 15, "events published")
+        events = assert_stream_matches_write_database(settings)
+        assert all(event.batch for event in events)
+        positions: dict[str | None, list[int]] = defaultdict(list)
+        for event in events:
+            positions[event.batch].append(event.seq)
+        for seqs in positions.values():
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs  # each batch stored in one piece
+
+        async def refuse_atomic_publishes() -> None:
+            nc = await jetstream.connect(settings.nats_url, "test-operator", retry_forever=False)
+            try:
+                config = jetstream.stream_config(settings)
+                config.allow_atomic = False
+                await nc.jsm().update_stream(config)
+            finally:
+                await jetstream.close(nc)
+
+        asyncio.run(refuse_atomic_publishes())
+        for _ in range(10):
+            service.order("ATOM-2", "ATOM-1")
+        eventually(lambda: unpublished(settings) == 0, 15, "events published one by one")
+        later = assert_stream_matches_write_database(settings)[len(events) :]
+        assert len(later) == 10 * 3 and not any(event.batch for event in later)
+        assert "does not allow atomic publishes" in service.proc.log_path.read_text()
+    finally:
+        service.stop()
 
 
 def test_the_relay_health_is_not_serving_while_it_cannot_relay(
