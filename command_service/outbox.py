@@ -36,11 +36,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 import os
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,9 +61,6 @@ BACKLOG_LOG_INTERVAL = 10.0  # seconds between log lines about a backlog
 RETRY_BASE_DELAY = 0.2
 RETRY_MAX_DELAY = 5.0
 WAKE_SUBJECT = "orders.v1.relay.wake"  # core NATS: "there are new outbox rows", to whichever relay leads
-ATOMIC_BATCH_MAX = 1000  # nats-server's default ceiling of messages per atomic batch
-ATOMIC_PUBLISH_DISABLED = 10174  # JetStream API error codes (nats-server's errors.json)
-ATOMIC_BATCH_HAS_DUPLICATE = 10201
 
 PUBLISHED = Counter("orders_outbox_published_events", "Outbox events acknowledged by JetStream")
 PUBLISH_FAILURES = Counter("orders_outbox_publish_failures", "Publishes that failed and stay in the outbox")
@@ -253,8 +248,8 @@ class OutboxRelay:
             return RoundOutcome.DRAINED
         started = time.monotonic()
         published = Published()
-        for start in range(0, len(rows), ATOMIC_BATCH_MAX):
-            batch = rows[start : start + ATOMIC_BATCH_MAX]
+        for start in range(0, len(rows), jetstream.ATOMIC_BATCH_MAX):
+            batch = rows[start : start + jetstream.ATOMIC_BATCH_MAX]
             try:
                 if not self._atomic:
                     raise NotAtomic("atomic publishes are off")
@@ -295,35 +290,23 @@ class OutboxRelay:
         return RoundOutcome.MORE if len(rows) == self._settings.relay_batch else RoundOutcome.DRAINED
 
     async def _publish_atomically(self, batch: list[tuple[Any, ...]]) -> None:
-        """Publish batch as one atomic batch: every message but the last without a reply, the last
-        committing the batch and answered by its PubAck. Raises NotAtomic when JetStream refuses the batch
-        as a whole for holding a duplicate or does not do atomic batches; any other failure as it is."""
+        """Publish batch as one atomic batch. Raises NotAtomic when JetStream refuses it as a whole for
+        holding a duplicate, or does not take atomic batches; any other failure as it is."""
         assert self._nc is not None
-        batch_id = uuid.uuid4().hex
         sent = time.perf_counter()
-        for number, (_, subject, headers, payload) in enumerate(batch, 1):
-            marked = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(number)}
-            if number < len(batch):
-                await self._nc.publish(subject, bytes(payload), headers=marked)
-                continue
-            marked["Nats-Batch-Commit"] = "1"
-            reply = await self._nc.request(
-                subject, bytes(payload), timeout=self._settings.publish_timeout, headers=marked
-            )
-        ack = json.loads(reply.data)
+        messages = [(subject, bytes(payload), headers) for _, subject, headers, payload in batch]
+        ack = await jetstream.publish_atomic_batch(self._nc, messages, self._settings.publish_timeout)
         error = ack.get("error")
-        if error and error.get("err_code") == ATOMIC_BATCH_HAS_DUPLICATE:
-            raise NotAtomic(error.get("description", "duplicate message id"))
-        if error and error.get("err_code") == ATOMIC_PUBLISH_DISABLED:
-            self._atomic_off("the stream does not allow atomic publishes")
-            raise NotAtomic(error.get("description", "atomic publish disabled"))
         if error:
+            code, why = error.get("err_code"), error.get("description", "")
+            if code == jetstream.ATOMIC_BATCH_HAS_DUPLICATE:
+                raise NotAtomic(why)
+            if code in (jetstream.ATOMIC_PUBLISH_DISABLED, jetstream.NOT_A_BATCH):
+                # Without atomic batches a server stores each message on its own and answers the last
+                # only: the others may or may not be stored, so they go again one by one (deduplicated).
+                self._atomic_off(f"JetStream takes no atomic batches here ({why}; nats-server 2.12+ does)")
+                raise NotAtomic(why)
             raise nats.js.errors.APIError.from_error(error)
-        if ack.get("batch") != batch_id or ack.get("count") != len(batch):
-            # A server without atomic batches stored each message on its own, and answered only the
-            # last: the others may or may not be stored, so they go again one by one (deduplicated).
-            self._atomic_off("nats-server does not do atomic batches (2.12+ does)")
-            raise NotAtomic("the PubAck is not a batch's")
         elapsed = time.perf_counter() - sent
         for _ in batch:
             PUBLISH_SECONDS.observe(elapsed)

@@ -1,9 +1,11 @@
-"""NATS JetStream plumbing: connecting, and creating or updating the stream and the consumer."""
+"""NATS JetStream plumbing: connecting, creating or updating the stream and the consumer, atomic batches."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import uuid
 from typing import Any
 
 import nats
@@ -15,6 +17,12 @@ from orders.config import Settings
 from orders.events import SUBJECT_WILDCARD
 
 log = logging.getLogger(__name__)
+
+# JetStream API error codes (nats-server's errors.json) of atomic batch publishes, and one of ours
+ATOMIC_PUBLISH_DISABLED = 10174  # the stream does not allow atomic publishes
+ATOMIC_BATCH_HAS_DUPLICATE = 10201  # a message id of the batch is already in the stream: nothing stored
+NOT_A_BATCH = -1  # the server answered the commit as a plain publish (no atomic batches before 2.12)
+ATOMIC_BATCH_MAX = 1000  # nats-server's default ceiling of messages per atomic batch
 
 
 async def connect(target: Settings | str, name: str, *, retry_forever: bool = True) -> NATS:
@@ -117,6 +125,28 @@ async def ensure_stream(nc: NATS, settings: Settings) -> api.StreamInfo:
 async def ensure_consumer(nc: NATS, settings: Settings) -> api.ConsumerInfo:
     """Create the durable consumer, or update its settings when it exists (idempotent)."""
     return await nc.jsm().add_consumer(settings.stream, consumer_config(settings))
+
+
+async def publish_atomic_batch(
+    nc: NATS, messages: list[tuple[str, bytes, dict[str, str]]], timeout: float
+) -> dict[str, Any]:
+    """Publish (subject, payload, headers) messages as one JetStream atomic batch (nats-server 2.12+,
+    a stream with allow_atomic) and return the PubAck as JSON: every message but the last goes without a
+    reply, the last commits the batch and is answered for all of them. The stream stores the batch
+    whole, in order and contiguously, or not at all; a PubAck with an "error" says why not, and one
+    without "batch" comes from a server that stored each message on its own."""
+    batch_id = uuid.uuid4().hex
+    for number, (subject, payload, headers) in enumerate(messages, 1):
+        marked = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(number)}
+        if number < len(messages):
+            await nc.publish(subject, payload, headers=marked)
+        else:
+            marked["Nats-Batch-Commit"] = "1"
+            reply = await nc.request(subject, payload, timeout=timeout, headers=marked)
+    ack: dict[str, Any] = json.loads(reply.data)
+    if "error" not in ack and (ack.get("batch") != batch_id or ack.get("count") != len(messages)):
+        ack["error"] = {"err_code": NOT_A_BATCH, "description": "the PubAck is not the batch's"}
+    return ack
 
 
 ROUND_TRIP_TIMEOUT = 2  # seconds: a health probe's PING must be answered this fast

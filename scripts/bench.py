@@ -61,6 +61,7 @@ from bench_common import (
 sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 import psycopg  # noqa: E402
+from nats.aio.client import Client as NATS  # noqa: E402
 
 from orders import jetstream, local_stack, security  # noqa: E402
 from orders.config import Settings  # noqa: E402
@@ -346,7 +347,8 @@ async def lag_until_caught_up(nc: Any, settings: Settings, started: float, lags:
 
 
 async def raw_jetstream(system: LocalSystem, count: int) -> dict[str, float]:
-    """Publish `count` events like the relay does (256 acks in flight), then read them with a pull consumer."""
+    """Publish `count` events with 256 acks in flight, and again as atomic batches (as the relay does), then
+    read them with a pull consumer."""
     meta = EventContext(occurred_at=datetime.now(UTC), correlation_id=str(uuid.uuid4()), causation_id="bench")
     upserted = events_pb2.ProductUpserted(name="raw", unit_price=common_pb2.Money(currency_code="EUR", minor_units=1))
     event = build_event(meta, PRODUCT, "RAW-1", 1, product_upserted=upserted)
@@ -364,6 +366,7 @@ async def raw_jetstream(system: LocalSystem, count: int) -> dict[str, float]:
 
         await asyncio.gather(*(publish(i) for i in range(count)))
         publish_rate = count / (time.monotonic() - started)
+        atomic_rate = await raw_atomic_batches(nc, event.payload, count)
         sub = await js.pull_subscribe("bench.raw.>", durable="raw", stream=stream)
         started, seen = time.monotonic(), 0
         while seen < count:
@@ -375,7 +378,29 @@ async def raw_jetstream(system: LocalSystem, count: int) -> dict[str, float]:
         await js.delete_stream(stream)
     finally:
         await jetstream.close(nc)
-    return {"publish_per_second": publish_rate, "consume_per_second": consume_rate}
+    return {
+        "publish_per_second": publish_rate,
+        "atomic_publish_per_second": atomic_rate,
+        "consume_per_second": consume_rate,
+    }
+
+
+async def raw_atomic_batches(nc: NATS, payload: bytes, count: int) -> float:
+    """Publish `count` events as atomic batches of 256, one after the other, as the relay does; events/s."""
+    stream = "BENCH_RAW_ATOMIC"
+    await nc.jsm().add_stream(name=stream, subjects=["bench.atomic.>"], allow_atomic=True)
+    try:
+        started = time.monotonic()
+        for first in range(0, count, 256):
+            batch = [
+                (f"bench.atomic.{i % 1000}", payload, {"Nats-Msg-Id": str(uuid.uuid4())})
+                for i in range(first, min(first + 256, count))
+            ]
+            ack = await jetstream.publish_atomic_batch(nc, batch, timeout=30)
+            assert "error" not in ack, ack
+        return count / (time.monotonic() - started)
+    finally:
+        await nc.jsm().delete_stream(stream)
 
 
 def drain(system: LocalSystem, backlog: int, run: int) -> dict[str, Any]:
@@ -691,6 +716,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "visibility_p50_ms": ["commands_paced", "visibility_ms", "p50"],
         "visibility_p99_ms": ["commands_paced", "visibility_ms", "p99"],
         "raw_publish_per_s": ["raw_jetstream", "publish_per_second"],
+        "raw_atomic_publish_per_s": ["raw_jetstream", "atomic_publish_per_second"],
         "raw_consume_per_s": ["raw_jetstream", "consume_per_second"],
         "projected_per_s": ["projector_drain", "per_second"],
     }
@@ -763,7 +789,12 @@ def markdown(report: dict[str, Any]) -> str:
         (f"projector draining {a['backlog']:,} events", f"{m['projected_per_s']:,.0f} events/s", ""),
         ("raw JetStream pull consumer, same events", f"{m['raw_consume_per_s']:,.0f} events/s", ""),
         ("ratio projected / raw consume", f"{m['projected_vs_raw_consume']:.2f}", ""),
-        ("raw JetStream publish with acks", f"{m['raw_publish_per_s']:,.0f} events/s", ""),
+        ("raw JetStream publish with acks (256 in flight)", f"{m['raw_publish_per_s']:,.0f} events/s", ""),
+        (
+            "raw JetStream atomic batches of 256, one after another",
+            f"{m['raw_atomic_publish_per_s']:,.0f} events/s",
+            "",
+        ),
         (
             "no-op gRPC unary call (grpc.aio server, same clients), 16 callers",
             f"{m['NoOpCall_per_second']:,.0f}/s",

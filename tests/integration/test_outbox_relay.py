@@ -288,7 +288,7 @@ def test_rounds_go_out_as_atomic_batches_and_event_by_event_where_the_stream_ref
         eventually(lambda: unpublished(settings) == 0, 15, "events published one by one")
         later = assert_stream_matches_write_database(settings)[len(events) :]
         assert len(later) == 10 * 3 and not any(event.batch for event in later)
-        assert "does not allow atomic publishes" in service.proc.log_path.read_text()
+        assert "JetStream takes no atomic batches here" in service.proc.log_path.read_text()
     finally:
         service.stop()
 
