@@ -2,13 +2,14 @@
 
 Every command runs on the pooled connection's psycopg driver connection in two round trips (pipeline
 mode), through `CommandHandlers._transact`:
-  1. BEGIN, claim the request_id, and the command's reads, which lock what it changes;
+  1. BEGIN, look up the request_id, and the command's reads, which lock what it changes;
   2. after the rule has been decided in Python on what those reads returned: the writes, the outbox
-     rows and the stored response as one statement (`one_statement`), COMMIT.
-A claim that conflicts rolls everything back and answers with the response the earlier identical
-request stored; a rule that fails (not found, version conflict, not enough stock) raises between the
-two round trips, which rolls back too, so bad input writes nothing. Nothing is published inside the
-transaction; the relay does that after commit.
+     rows and the request_id with its response (written once) as one statement (`one_statement`),
+     COMMIT.
+A request_id found stored, or taken by a concurrent request meanwhile, rolls everything back and
+answers with the response the earlier identical request stored; a rule that fails (not found, version
+conflict, not enough stock) raises between the two round trips, which rolls back too, so bad input
+writes nothing. Nothing is published inside the transaction; the relay does that after commit.
 
 Lock order, which keeps concurrent commands deadlock-free: an order row before product rows, and
 product rows in ascending SKU order (every read that locks several products sorts them).
@@ -31,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from command_service import domain
 from orders import consistency
 from orders.db import driver_transaction
-from orders.errors import FailedPrecondition, NotFound, RequestIdReused, VersionConflict
+from orders.errors import DomainError, FailedPrecondition, NotFound, RequestIdReused, VersionConflict
 from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, timestamp
 from orders.v1 import commands_pb2, common_pb2, events_pb2
 
@@ -74,12 +75,12 @@ def request_hash(request: Message) -> bytes:
     return hashlib.sha256(body.SerializeToString(deterministic=True)).digest()
 
 
-# The claim waits for a concurrent transaction holding the same request_id, so two racing identical
-# requests yield one effect and one stored response.
-CLAIM_SQL = (
-    "INSERT INTO idempotency_keys (request_id, command, request_hash) VALUES (%s, %s, %s) "
-    "ON CONFLICT DO NOTHING RETURNING request_id"
-)
+# What an earlier request with this request_id stored, if any: read in round trip 1, answered again.
+STORED_SQL = "SELECT command, request_hash, response FROM idempotency_keys WHERE request_id = %s"
+# The request_id and its response, written once, in round trip 2. A concurrent request with the same
+# request_id waits on the primary key for the first one's commit and then fails there.
+STORE_SQL = "INSERT INTO idempotency_keys (request_id, command, request_hash, response) VALUES (%s, %s, %s, %s)"
+IDEMPOTENCY_KEY = "idempotency_keys_pkey"
 # Locks the wanted products in SKU order (a FOR UPDATE CTE is materialized before the update reads it),
 # then takes the quantities where there is enough; a product short of stock returns no row.
 RESERVE_SQL = """
@@ -126,7 +127,6 @@ INSERT_OUTBOX_SQL = (
     "INSERT INTO outbox (event_id, subject, headers, payload) "
     "SELECT * FROM unnest(%b::uuid[], %b::text[], %b::jsonb[], %b::bytea[])"
 )
-STORE_RESPONSE_SQL = "UPDATE idempotency_keys SET response = %s WHERE request_id = %s"
 
 
 def one_statement(statements: list[Statement]) -> Statement:
@@ -139,8 +139,24 @@ def one_statement(statements: list[Statement]) -> Statement:
     return text, [param for _, params in statements for param in params]
 
 
-class _AlreadyClaimed(Exception):
-    """The request_id is taken (by an earlier identical request, or a different one): roll back."""
+class _AlreadyStored(Exception):
+    """The request_id is stored (by an earlier identical request, or a different one): roll back."""
+
+    def __init__(self, stored: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.stored = stored  # (command, request_hash, response)
+
+
+class _RuleFailed(Exception):
+    """The command's rule failed on its reads: roll back, then answer with error (see _transact)."""
+
+    def __init__(self, error: DomainError) -> None:
+        super().__init__()
+        self.error = error
+
+
+def _is_request_id_taken(exc: psycopg.Error) -> bool:
+    return isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == IDEMPOTENCY_KEY
 
 
 def _outbox_rows(events: list[OutgoingEvent]) -> Statement:
@@ -192,26 +208,45 @@ class CommandHandlers:
         reads: list[Statement],
         decide: Callable[[psycopg.AsyncConnection[Any], list[Rows]], Awaitable[Decision]],
     ) -> R:
-        """Claim the request_id and run `reads` (round trip 1), let `decide` judge their rows and raise or
-        return the writes, events and response, then write those, the outbox rows and the stored
-        response and commit (round trip 2). The invariants: one effect per request_id, nothing written
-        when decide raises, the outbox rows in the same transaction as the change they describe."""
+        """Look up the request_id and run `reads` (round trip 1), let `decide` judge their rows and raise
+        or return the writes, events and response, then write those, the outbox rows and the request_id
+        with its response and commit (round trip 2).
+
+        The invariants: one effect per request_id, nothing written when decide raises, the outbox rows
+        in the same transaction as the change they describe. A request_id already stored is answered
+        from what it stored. Two concurrent requests with one request_id both miss it in round trip 1;
+        the second's insert of it waits for the first's commit and fails, so the second rolls back and
+        answers from what the first stored. So does a second whose rule failed (say, the order it
+        waited for was cancelled by the first): a failed rule looks for a stored request_id once more.
+        """
         request_id = request.request_id  # type: ignore[attr-defined]
         digest = request_hash(request)
         try:
             async with driver_transaction(self._engine) as conn:
                 async with conn.pipeline():
-                    claim = await conn.execute(CLAIM_SQL, (request_id, command, digest))
+                    earlier = await conn.execute(STORED_SQL, (request_id,))
                     cursors = [await conn.execute(sql, params) for sql, params in reads]
-                if await claim.fetchone() is None:
-                    raise _AlreadyClaimed
-                decision = await decide(conn, [await cur.fetchall() for cur in cursors])
-                stored = (STORE_RESPONSE_SQL, (decision.response.SerializeToString(), request_id))
+                if (stored := await earlier.fetchone()) is not None:
+                    raise _AlreadyStored(stored)
+                try:
+                    decision = await decide(conn, [await cur.fetchall() for cur in cursors])
+                except DomainError as exc:
+                    raise _RuleFailed(exc) from exc
+                response = decision.response.SerializeToString()
+                store = (STORE_SQL, (request_id, command, digest, response))
                 async with conn.pipeline():
-                    await conn.execute(*one_statement([*decision.writes, _outbox_rows(decision.events), stored]))
+                    await conn.execute(*one_statement([*decision.writes, _outbox_rows(decision.events), store]))
                     await conn.commit()
-        except _AlreadyClaimed:
-            return await self._stored(request, command, digest, parse)
+        except _AlreadyStored as taken:
+            return self._answer_again(request, command, digest, parse, taken.stored)
+        except _RuleFailed as failed:  # rolled back; was it a request the first of two identical ones answered?
+            if (stored := await self._lookup(request_id)) is None:
+                raise failed.error from None
+            return self._answer_again(request, command, digest, parse, stored)
+        except psycopg.Error as exc:
+            if not _is_request_id_taken(exc):
+                raise
+            return self._answer_again(request, command, digest, parse, await self._lookup(request_id))
         self._on_commit()
         return decision.response  # type: ignore[return-value]
 
@@ -308,17 +343,20 @@ class CommandHandlers:
         )
         return response, order_row, items, events
 
-    async def _stored(self, request: Message, command: str, digest: bytes, parse: Callable[[bytes], R]) -> R:
-        """The response an earlier identical request stored (the claim conflicted with it)."""
+    async def _lookup(self, request_id: str) -> tuple[Any, ...] | None:
+        """(command, request_hash, response) stored for request_id, read on a connection of its own."""
         async with driver_transaction(self._engine) as conn:
-            cur = await conn.execute(
-                "SELECT command, request_hash, response FROM idempotency_keys WHERE request_id = %s",
-                (request.request_id,),  # type: ignore[attr-defined]
-            )
-            row = await cur.fetchone()
-        if row is None or row[0] != command or bytes(row[1]) != digest or row[2] is None:
+            cur = await conn.execute(STORED_SQL, (request_id,))
+            return await cur.fetchone()
+
+    @staticmethod
+    def _answer_again(
+        request: Message, command: str, digest: bytes, parse: Callable[[bytes], R], stored: tuple[Any, ...] | None
+    ) -> R:
+        """The response an earlier identical request stored; RequestIdReused for a different request."""
+        if stored is None or stored[0] != command or bytes(stored[1]) != digest or stored[2] is None:
             raise RequestIdReused(f"request_id {request.request_id!r} was already used for a different request")  # type: ignore[attr-defined]
-        return parse(bytes(row[2]))
+        return parse(bytes(stored[2]))
 
     async def cancel_order(
         self, request: commands_pb2.CancelOrderRequest, ctx: CommandContext

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -275,6 +277,41 @@ def test_simultaneous_first_attempts_of_one_request_apply_once(stack: Stack) -> 
         replies = list(pool.map(lambda _: stack.commands.PlaceOrder(request, timeout=20), range(8)))
     assert all(reply == replies[0] for reply in replies)
     assert stock_of(stack, sku)[0] == 98
+
+
+def test_simultaneous_first_attempts_of_every_command_apply_once(stack: Stack) -> None:
+    """Eight copies of one request at once, for each command: one effect, eight identical responses,
+    even where the copies that waited would fail the rule once the first has committed (the order is
+    no longer PLACED, the product exists)."""
+    c = stack.commands
+    sku = new_sku("C")
+    add_product(c, sku, stock=100)
+    placed = c.PlaceOrder(order_request(f"twin-{new_id()}", (sku, 2)), timeout=20)
+    cancel = commands_pb2.CancelOrderRequest(request_id=new_id(), order_id=placed.order_id, reason="twins")
+    adjust = commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, delta=5)
+    created = new_sku("C")
+    upsert = commands_pb2.UpsertProductRequest(
+        request_id=new_id(), sku=created, name="Twin", unit_price=common_pb2.Money(currency_code="EUR", minor_units=9)
+    )
+    calls = [(c.CancelOrder, cancel), (c.UpdateInventory, adjust), (c.UpsertProduct, upsert)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        # Eight products at once first, so that the service holds eight database connections: the copies
+        # below then start their transactions together, not one connection set-up after another.
+        list(pool.map(lambda _: add_product(c, new_sku("W"), stock=1), range(16)))
+        for method, request in calls:
+            start = threading.Barrier(8)
+
+            def send(_: int, m: Any = method, r: Any = request, together: threading.Barrier = start) -> Any:
+                together.wait(10)
+                return m(r, timeout=20)
+
+            replies = list(pool.map(send, range(8)))
+            assert all(reply == replies[0] for reply in replies), (type(request).__name__, replies)
+    assert stock_of(stack, sku)[0] == 100 + 5  # 2 reserved, 2 given back by the one cancellation, 5 added once
+    with psycopg.connect(libpq_url(stack.settings.write_database_url)) as conn:
+        row = conn.execute("SELECT version FROM products WHERE sku = %s", (created,)).fetchone()
+        order = conn.execute("SELECT version FROM orders WHERE id = %s", (placed.order_id,)).fetchone()
+    assert row == (1,) and order == (2,)
 
 
 # --- 4. optimistic concurrency ------------------------------------------------------------------
