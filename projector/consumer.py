@@ -1,8 +1,11 @@
 """The projector's consumer loop: fetch a batch, apply it in one read-database transaction, then ack.
 
-The next batch is fetched while the current one applies (its fetch overlaps the commit's round
-trips); batches are still applied one after the other, in delivery order, and a projector that stops
-applies the batch it fetched meanwhile before it goes (nothing it holds waits for ack_wait).
+While a backlog drains (the last fetch came back full), the next batch is fetched while the current
+one applies (its fetch overlaps the commit's round trips). Otherwise the next fetch waits for the
+commit: it then takes everything that arrived meanwhile in one batch, where a fetch started earlier
+would return with the first event to arrive and leave the rest for one more transaction. Batches are
+applied one after the other, in delivery order, and a projector that stops applies the batch it
+fetched meanwhile before it goes (nothing it holds waits for ack_wait).
 
 Invariants:
 - Acks are sent only after the batch's transaction committed; a crash before that makes JetStream
@@ -221,7 +224,8 @@ class Projector:
                             empty_fetches = 0
                         continue
                     empty_fetches = 0
-                    prefetch = asyncio.ensure_future(self.next_batch(sub, FETCH_TIMEOUT))
+                    if len(msgs) == self._settings.projector_batch:  # a backlog: fetch on while this applies
+                        prefetch = asyncio.ensure_future(self.next_batch(sub, FETCH_TIMEOUT))
                     with BATCH_SECONDS.time():
                         await self._handle_renewing(msgs, prefetch)
                 if prefetch is not None:  # stopping: what was fetched meanwhile is applied, not left to ack_wait
