@@ -13,16 +13,19 @@ Invariants:
   (FOR UPDATE, or the insert of a new aggregate) before it inserts the aggregate's outbox rows, and
   holds it until commit, so the next version's row can only be inserted, with a larger id, after
   this one committed.
-- Each round's rows go out in id order as one atomic batch (JetStream 2.12+, the stream allows it):
-  JetStream stores a batch whole, in order and contiguously, or not at all, and the next batch is
-  sent only after the previous one's PubAck. So every aggregate's events are stored in version order,
-  whatever fails in between (a batch cut off by a disconnect is abandoned by the server; a batch
-  whose PubAck was lost is sent again, see next).
-- A batch that holds an event the stream already has (a PubAck lost, a crash before the delete) is
-  refused whole (error 10201, duplicate message id). That batch, and any batch on a stream or server
-  without atomic publishes, goes out event by event instead: per aggregate (= per subject) an event
-  only after the previous event of that aggregate was acknowledged, a failure stopping that
-  aggregate's chain for the round, different aggregates concurrently; JetStream drops the copies.
+- A round of at least `relay_atomic_min` rows goes out in id order as one atomic batch (JetStream
+  2.12+, the stream allows it): JetStream stores a batch whole, in order and contiguously, or not at
+  all, and the next round starts only after the batch's PubAck. So every aggregate's events are
+  stored in version order, whatever fails in between (a batch cut off by a disconnect is abandoned by
+  the server; a batch whose PubAck was lost is sent again, see next). One PubAck and one fsync per
+  batch cost a fraction of the CPU of one per event, but a batch's commit takes a few milliseconds
+  whatever its size, so a smaller round, as under light load, goes event by event.
+- Event by event: per aggregate (= per subject) an event only after the previous event of that
+  aggregate was acknowledged, a failure stopping that aggregate's chain for the round, different
+  aggregates concurrently. So goes a small round, a batch that JetStream refused whole because it holds
+  an event the stream already has (a PubAck lost, a crash before the delete: error 10201, duplicate
+  message id; JetStream then drops the copies one by one), and every round on a stream or server
+  without atomic publishes.
 - Only one relay publishes at a time, across processes: it holds a PostgreSQL session advisory lock
   on the connection it reads and marks with. If that connection breaks, the lock goes with it and
   the relay re-acquires it (or another process, polling, takes over).
@@ -251,10 +254,11 @@ class OutboxRelay:
         for start in range(0, len(rows), jetstream.ATOMIC_BATCH_MAX):
             batch = rows[start : start + jetstream.ATOMIC_BATCH_MAX]
             try:
-                if not self._atomic:
-                    raise NotAtomic("atomic publishes are off")
-                await self._publish_atomically(batch)
-                published.acked += [row[0] for row in batch]
+                if self._atomic and len(batch) >= self._settings.relay_atomic_min:
+                    await self._publish_atomically(batch)
+                    published.acked += [row[0] for row in batch]
+                else:
+                    await self._publish_one_by_one(js, batch, published)
             except NotAtomic as exc:
                 log.debug("outbox relay: publishing %d events one by one (%s)", len(batch), exc)
                 await self._publish_one_by_one(js, batch, published)

@@ -152,6 +152,11 @@ class Settings:
     )
     consumer: str = _setting("orders-projector", str, "Durable consumer name of the projector.")
     relay_batch: int = _setting(256, _parse_positive_int, "Outbox rows published per relay round.")
+    relay_atomic_min: int = _setting(
+        16,
+        _parse_positive_int,
+        "Rows from which a relay round goes out as one atomic batch (fewer: event by event, lower latency).",
+    )
     relay_poll_interval: float = _setting(
         1.0, _parse_positive_float, "Seconds between outbox polls when no commit wakes the relay."
     )

@@ -253,10 +253,11 @@ def test_only_one_relay_publishes_and_another_takes_over(
 def test_rounds_go_out_as_atomic_batches_and_event_by_event_where_the_stream_refuses_them(
     infra: Infra, own_nats: local_stack.LocalNats, tmp_path: Path
 ) -> None:
-    """Each relay round is one atomic batch: its events carry one Nats-Batch-Id and lie next to each other
-    in the stream. On a stream that refuses atomic publishes (an operator turned them off), the relay
-    publishes event by event instead and nothing is lost, doubled or reordered."""
-    settings = isolated_settings(infra, nats_url=own_nats.url)
+    """Each relay round (of at least relay_atomic_min rows, 1 here) is one atomic batch: its events carry
+    one Nats-Batch-Id and lie next to each other in the stream. On a stream that refuses atomic
+    publishes (an operator turned them off), the relay publishes event by event instead and nothing is
+    lost, doubled or reordered."""
+    settings = isolated_settings(infra, nats_url=own_nats.url, relay_atomic_min=1)
     asyncio.run(migrate(settings))
     service = CommandProcess(settings, tmp_path)
     try:
