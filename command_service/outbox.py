@@ -337,7 +337,8 @@ class OutboxRelay:
                     return
                 PUBLISH_SECONDS.observe(time.perf_counter() - sent)
                 into.acked.append(row_id)
-                into.duplicates += ack.duplicate is True
+                if ack.duplicate:
+                    into.duplicates += 1
 
         await asyncio.gather(*(publish_chain(chain) for chain in chains.values()))
 
