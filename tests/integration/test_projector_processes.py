@@ -186,10 +186,15 @@ def test_sigkilled_projector_leaves_read_model_equal_to_write_model(
         command.stop()
 
 
-def applied_rows(settings: Settings) -> int:
+def read_count(settings: Settings, sql: str) -> int:
+    """One number from the read database."""
     with psycopg.connect(libpq_url(settings.read_database_url)) as conn:
-        row = conn.execute("SELECT coalesce(sum(version), 0) FROM order_summaries").fetchone()
+        row = conn.execute(sql).fetchone()
     return int(row[0]) if row else 0
+
+
+def applied_rows(settings: Settings) -> int:
+    return read_count(settings, "SELECT coalesce(sum(version), 0) FROM order_summaries")
 
 
 def test_projector_health_follows_its_nats_connection(
@@ -212,9 +217,7 @@ def test_projector_health_follows_its_nats_connection(
 
 
 def checkpoint(settings: Settings) -> int:
-    with psycopg.connect(libpq_url(settings.read_database_url)) as conn:
-        row = conn.execute("SELECT coalesce(max(last_stream_seq), 0) FROM projection_checkpoints").fetchone()
-    return int(row[0]) if row else 0
+    return read_count(settings, "SELECT coalesce(max(last_stream_seq), 0) FROM projection_checkpoints")
 
 
 def test_a_projector_stopped_mid_drain_leaves_nothing_waiting_for_ack_wait(
