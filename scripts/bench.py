@@ -16,7 +16,8 @@ per run:
    paced at half the rate reached, measuring visibility (command OK → the order readable through a
    token-guarded GetOrderSummary, every 5th order);
 3. the projector draining a --backlog of events, next to a plain JetStream pull consumer (fetch + ack)
-   reading the same events, and JetStream publishes of the same events awaiting their acks;
+   reading the same events, and JetStream publishes of the same events: 256 awaiting their acks at a
+   time, and atomic batches of 256 one after another (how the relay publishes under load);
 4. queries on a read model of --read-orders orders: GetOrderSummary at 16 concurrent callers,
    SearchOrders, and ListOrderSummaries streams of 10,000 rows, next to a no-op grpc.aio unary call
    from the same clients (the framework's own floor).
