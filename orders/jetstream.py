@@ -135,6 +135,8 @@ async def publish_atomic_batch(
     reply, the last commits the batch and is answered for all of them. The stream stores the batch
     whole, in order and contiguously, or not at all; a PubAck with an "error" says why not, and one
     without "batch" comes from a server that stored each message on its own."""
+    if not messages:
+        raise ValueError("an atomic batch needs at least one message")
     batch_id = uuid.uuid4().hex
     for number, (subject, payload, headers) in enumerate(messages, 1):
         marked = {**headers, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(number)}
