@@ -147,14 +147,6 @@ class _AlreadyStored(Exception):
         self.stored = stored  # (command, request_hash, response)
 
 
-class _RuleFailed(Exception):
-    """The command's rule failed on its reads: roll back, then answer with error (see _transact)."""
-
-    def __init__(self, error: DomainError) -> None:
-        super().__init__()
-        self.error = error
-
-
 def _is_request_id_taken(exc: psycopg.Error) -> bool:
     return isinstance(exc, psycopg.errors.UniqueViolation) and exc.diag.constraint_name == IDEMPOTENCY_KEY
 
@@ -217,7 +209,8 @@ class CommandHandlers:
         from what it stored. Two concurrent requests with one request_id both miss it in round trip 1;
         the second's insert of it waits for the first's commit and fails, so the second rolls back and
         answers from what the first stored. So does a second whose rule failed (say, the order it
-        waited for was cancelled by the first): a failed rule looks for a stored request_id once more.
+        waited for was cancelled by the first): a failed rule looks for a stored request_id once more,
+        in the same transaction (read committed: it sees what committed while this one waited).
         """
         request_id = request.request_id  # type: ignore[attr-defined]
         digest = request_hash(request)
@@ -230,25 +223,26 @@ class CommandHandlers:
                     raise _AlreadyStored(stored)
                 try:
                     decision = await decide(conn, [await cur.fetchall() for cur in cursors])
-                except DomainError as exc:
-                    raise _RuleFailed(exc) from exc
+                except DomainError:
+                    again = await conn.execute(STORED_SQL, (request_id,))
+                    if (stored := await again.fetchone()) is not None:
+                        raise _AlreadyStored(stored) from None
+                    raise
                 response = decision.response.SerializeToString()
                 store = (STORE_SQL, (request_id, command, digest, response))
                 async with conn.pipeline():
                     await conn.execute(*one_statement([*decision.writes, _outbox_rows(decision.events), store]))
                     await conn.commit()
         except _AlreadyStored as taken:
-            return self._answer_again(request, command, digest, parse, taken.stored)
-        except _RuleFailed as failed:  # rolled back; was it a request the first of two identical ones answered?
-            if (stored := await self._lookup(request_id)) is None:
-                raise failed.error from None
-            return self._answer_again(request, command, digest, parse, stored)
+            stored = taken.stored
         except psycopg.Error as exc:
             if not _is_request_id_taken(exc):
                 raise
-            return self._answer_again(request, command, digest, parse, await self._lookup(request_id))
-        self._on_commit()
-        return decision.response  # type: ignore[return-value]
+            stored = await self._lookup(request_id)  # the failed transaction cannot read it
+        else:
+            self._on_commit()
+            return decision.response  # type: ignore[return-value]
+        return self._answer_again(request, command, digest, parse, stored)
 
     async def place_order(
         self, request: commands_pb2.PlaceOrderRequest, ctx: CommandContext
