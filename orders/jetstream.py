@@ -78,7 +78,8 @@ async def connect(target: Settings | str, name: str, *, retry_forever: bool = Tr
 
 def stream_config(settings: Settings) -> api.StreamConfig:
     """The event stream: file storage, kept for ever (it is the replay source), deduplicated, open to
-    atomic batch publishes (nats-server 2.12+; the relay sends each round as one batch)."""
+    atomic batch publishes (nats-server 2.12+; the relay sends a round of ORDERS_RELAY_ATOMIC_MIN rows or
+    more as one batch)."""
     return api.StreamConfig(
         name=settings.stream,
         subjects=[SUBJECT_WILDCARD],
