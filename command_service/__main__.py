@@ -26,7 +26,7 @@ async def serve(settings: Settings) -> None:
     engine = db.create_engine(settings.write_database_url, settings.db_pool_size, "orders-command")
     database = readiness.DatabaseProbe(engine, settings.write_database_url, migrations.WRITE, "write")
     relay = OutboxRelay(settings)
-    handlers = CommandHandlers(engine, on_commit=relay.wake)
+    handlers = CommandHandlers(engine, on_commit=relay.wake, group_max=settings.place_order_group_max)
     server, port, health = create_server(
         settings.command_addr,
         SERVICE,

@@ -1,7 +1,10 @@
-"""Command handlers: one write-database transaction each, events written to the outbox in it.
+"""Command handlers: write-database transactions, events written to the outbox in them.
 
-Every command runs on the pooled connection's psycopg driver connection in two round trips (pipeline
-mode), through `CommandHandlers._transact`:
+CancelOrder, UpdateInventory and UpsertProduct run one transaction each, PlaceOrder one per group of
+PlaceOrders (group commit: those that arrive while a transaction is in flight share the next one;
+`command_service.grouping`, `CommandHandlers._place_orders`). Every transaction runs on the pooled
+connection's psycopg driver connection in two round trips (pipeline mode), for one command through
+`CommandHandlers._transact`:
   1. BEGIN, look up the request_id, and the command's reads, which lock what it changes;
   2. after the rule has been decided in Python on what those reads returned: the writes, the outbox
      rows and the request_id with its response (written once) as one statement (`one_statement`),
@@ -9,7 +12,9 @@ mode), through `CommandHandlers._transact`:
 A request_id found stored, or taken by a concurrent request meanwhile, rolls everything back and
 answers with the response the earlier identical request stored; a rule that fails (not found, version
 conflict, not enough stock) raises between the two round trips, which rolls back too, so bad input
-writes nothing. Nothing is published inside the transaction; the relay does that after commit.
+writes nothing. Nothing is published inside the transaction; the relay does that after commit. A
+PlaceOrder group judges each order on its own (a failing rule rejects that order only) and writes
+the accepted ones together.
 
 Lock order, which keeps concurrent commands deadlock-free: an order row before product rows, and
 product rows in ascending SKU order (every read that locks several products sorts them).
@@ -30,8 +35,9 @@ from psycopg.types.json import Jsonb
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from command_service import domain
+from command_service.grouping import Grouper, Pending
 from orders import consistency
-from orders.db import driver_transaction
+from orders.db import driver_transaction, is_unavailable
 from orders.errors import DomainError, FailedPrecondition, NotFound, RequestIdReused, VersionConflict
 from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, timestamp
 from orders.v1 import commands_pb2, common_pb2, events_pb2
@@ -81,24 +87,30 @@ STORED_SQL = "SELECT command, request_hash, response FROM idempotency_keys WHERE
 # request_id waits on the primary key for the first one's commit and then fails there.
 STORE_SQL = "INSERT INTO idempotency_keys (request_id, command, request_hash, response) VALUES (%s, %s, %s, %s)"
 IDEMPOTENCY_KEY = "idempotency_keys_pkey"
-# Locks the wanted products in SKU order (a FOR UPDATE CTE is materialized before the update reads it),
-# then takes the quantities where there is enough; a product short of stock returns no row.
-RESERVE_SQL = """
-WITH wanted AS (SELECT * FROM unnest(%s::text[], %s::bigint[]) AS w(sku, quantity)),
-locked AS (SELECT p.sku FROM products p JOIN wanted USING (sku) ORDER BY p.sku FOR UPDATE OF p)
-UPDATE products p
-   SET stock = p.stock - w.quantity, version = p.version + 1, updated_at = %s
-  FROM wanted w
- WHERE p.sku = w.sku AND p.stock >= w.quantity AND p.sku IN (SELECT sku FROM locked)
-RETURNING p.sku, p.name, p.unit_price_minor, p.currency, p.stock, p.version
-"""
-INSERT_ORDER_SQL = (
+# PlaceOrder (a group of them, see `CommandHandlers.place_order`): the products of every order of the
+# group, locked in SKU order, then the request_ids stored meanwhile (read after the locks were granted:
+# read committed, so it sees what a concurrent copy committed while this one waited for them).
+LOCK_PRODUCTS_SQL = (
+    "SELECT sku, name, unit_price_minor, currency, stock, version FROM products "
+    "WHERE sku = ANY(%s) ORDER BY sku FOR UPDATE"
+)
+STORED_ANY_SQL = "SELECT request_id, command, request_hash, response FROM idempotency_keys WHERE request_id = ANY(%s)"
+INSERT_ORDERS_SQL = (
     "INSERT INTO orders (id, customer_id, status, total_minor, currency, version, created_at, updated_at) "
-    "VALUES (%s, %s, %s, %s, %s, 1, %s, %s)"
+    "SELECT o.id::uuid, o.customer_id, o.status, o.total, o.currency, 1, %s, %s "
+    "FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[]) "
+    "AS o(id, customer_id, status, total, currency)"
 )
 INSERT_ITEMS_SQL = (
     "INSERT INTO order_items (order_id, line_no, sku, name, quantity, unit_price_minor) "
-    "SELECT %s, * FROM unnest(%s::int[], %s::text[], %s::text[], %s::bigint[], %s::bigint[])"
+    "SELECT i.order_id::uuid, i.line_no, i.sku, i.name, i.quantity, i.unit_price_minor "
+    "FROM unnest(%s::text[], %s::int[], %s::text[], %s::text[], %s::bigint[], %s::bigint[]) "
+    "AS i(order_id, line_no, sku, name, quantity, unit_price_minor)"
+)
+STORE_ALL_SQL = (
+    "INSERT INTO idempotency_keys (request_id, command, request_hash, response) "
+    "SELECT k.request_id, %s, k.request_hash, k.response FROM unnest(%s::text[], %b::bytea[], %b::bytea[]) "
+    "AS k(request_id, request_hash, response)"
 )
 LOCK_ORDER_SQL = "SELECT status, version FROM orders WHERE id = %s FOR UPDATE"
 # After the order row (lock order): its products in SKU order, with the units the order holds of each.
@@ -163,22 +175,57 @@ def _outbox_rows(events: list[OutgoingEvent]) -> Statement:
     )
 
 
-async def _explain_short_reservation(
-    conn: psycopg.AsyncConnection[Any], skus: list[str], quantities: dict[str, int], reserved: dict[str, Any]
-) -> None:
-    """Raise NOT_FOUND or FAILED_PRECONDITION for the first SKU (in SKU order) that could not be reserved."""
-    cur = await conn.execute("SELECT sku, stock FROM products WHERE sku = ANY(%s)", (skus,))
-    stock = dict(await cur.fetchall())
-    for sku in skus:
-        if sku in reserved:
-            continue
-        if sku not in stock:
+def _check_available(quantities: dict[str, int], products: dict[str, list[Any]]) -> None:
+    """Raise NOT_FOUND or FAILED_PRECONDITION for the first SKU, in SKU order, whose locked product
+    (sku → [sku, name, price, currency, stock, version]) is missing or short of the quantity."""
+    for sku in sorted(quantities):
+        if (row := products.get(sku)) is None:
             raise NotFound(f"product {sku!r} is not in the catalog")
-        raise FailedPrecondition(
-            f"not enough stock for {sku!r}: {quantities[sku]} requested, {stock[sku]} available",
-            "INSUFFICIENT_STOCK",
-            sku,
+        if row[4] < quantities[sku]:
+            raise FailedPrecondition(
+                f"not enough stock for {sku!r}: {quantities[sku]} requested, {row[4]} available",
+                "INSUFFICIENT_STOCK",
+                sku,
+            )
+
+
+@dataclass
+class _Placing:
+    """A PlaceOrder waiting for its group's transaction."""
+
+    request: commands_pb2.PlaceOrderRequest
+    ctx: CommandContext
+    digest: bytes
+
+
+@dataclass
+class _PlacedOrders:
+    """The rows, events and stored responses of a group's accepted orders, written as one statement."""
+
+    orders: list[tuple[Any, ...]] = field(default_factory=list)
+    items: list[tuple[Any, ...]] = field(default_factory=list)
+    events: list[OutgoingEvent] = field(default_factory=list)
+    stored: list[tuple[str, bytes, bytes]] = field(default_factory=list)
+    skus: set[str] = field(default_factory=set)
+
+    def statement(self, products: dict[str, list[Any]], now: datetime) -> Statement:
+        stock = sorted(products[sku] for sku in self.skus)
+        return one_statement(
+            [
+                (SET_STOCK_SQL, (now, [p[0] for p in stock], [p[4] for p in stock], [p[5] for p in stock])),
+                (INSERT_ORDERS_SQL, (now, now, *map(list, zip(*self.orders, strict=True)))),
+                (INSERT_ITEMS_SQL, tuple(map(list, zip(*self.items, strict=True)))),
+                _outbox_rows(self.events),
+                (STORE_ALL_SQL, ("PlaceOrder", *map(list, zip(*self.stored, strict=True)))),
+            ]
         )
+
+
+def _placed_before(placing: _Placing, stored: tuple[Any, ...] | None) -> commands_pb2.PlaceOrderResponse:
+    """The response an earlier PlaceOrder with this request_id stored (RequestIdReused if it differs)."""
+    return CommandHandlers._answer_again(
+        placing.request, "PlaceOrder", placing.digest, commands_pb2.PlaceOrderResponse.FromString, stored
+    )
 
 
 def _money(minor: int, currency: str) -> common_pb2.Money:
@@ -188,9 +235,10 @@ def _money(minor: int, currency: str) -> common_pb2.Money:
 class CommandHandlers:
     """The four commands against one write database. `on_commit` runs after each committed change."""
 
-    def __init__(self, engine: AsyncEngine, on_commit: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, engine: AsyncEngine, on_commit: Callable[[], None] = lambda: None, group_max: int = 64) -> None:
         self._engine = engine
         self._on_commit = on_commit
+        self._placing = Grouper(self._place_orders, group_max, retry_alone=lambda exc: not is_unavailable(exc))
 
     async def _transact(
         self,
@@ -247,47 +295,85 @@ class CommandHandlers:
     async def place_order(
         self, request: commands_pb2.PlaceOrderRequest, ctx: CommandContext
     ) -> commands_pb2.PlaceOrderResponse:
-        """Reserve stock for every line (all or none), then record the order and its events.
-
-        The reservation is one statement that locks the products in SKU order and takes each line's
-        quantity only where `stock >= quantity` on the locked row (no overselling); a reservation short
-        of any line rolls everything back.
-        """
+        """Reserve stock for every line (all or none), then record the order and its events, in the
+        transaction of the next group of PlaceOrders (`_place_orders`): one at once when none is in
+        flight, else together with those that arrived meanwhile."""
         domain.validate_place_order(request)
-        quantities = {line.sku: line.quantity for line in request.lines}
-        skus = sorted(quantities)  # ascending SKU order: no deadlock between orders
+        placing = _Placing(request, ctx, request_hash(request))
+        return await self._placing.submit(request.request_id, placing)  # type: ignore[no-any-return]
+
+    async def _place_orders(self, group: list[Pending[_Placing]]) -> None:
+        """Settle every PlaceOrder of the group in one transaction of two round trips:
+          1. lock the products of all its orders in SKU order, then look their request_ids up;
+          2. after each order was judged in Python, in arrival order, against the locked stock less what
+             the orders before it took: one statement writing the stock, the accepted orders, their
+             items, outbox rows and stored responses, and COMMIT.
+        An order short of stock, of an unknown product or mixing currencies rejects itself only and
+        takes nothing; a request_id found stored is answered from what it stored. The outcomes are
+        settled after the commit. A failure of the transaction raises (nothing of it is written; the
+        Grouper then tries each order alone); alone, a request_id taken by a concurrent copy meanwhile
+        is answered from what that copy stored, as `_transact` does.
+
+        Events of one product stay in version order: each accepted order takes the next version of
+        every product it reserves, and its events follow those of the orders before it in the outbox.
+        """
         now = datetime.now(UTC)
-
-        async def decide(conn: psycopg.AsyncConnection[Any], rows: list[Rows]) -> Decision:
-            reserved = {row[0]: row for row in rows[0]}
-            if len(reserved) < len(skus):
-                await _explain_short_reservation(conn, skus, quantities, reserved)
-            response, order_row, items, events = self._placed(request, ctx, reserved, quantities, now)
-            return Decision(response, events, [(INSERT_ORDER_SQL, order_row), (INSERT_ITEMS_SQL, items)])
-
-        reserve = (RESERVE_SQL, (skus, [quantities[s] for s in skus], now))
-        return await self._transact(
-            "PlaceOrder", request, commands_pb2.PlaceOrderResponse.FromString, [reserve], decide
-        )
+        skus = sorted({line.sku for pending in group for line in pending.request.request.lines})
+        request_ids = [pending.key for pending in group]
+        try:
+            async with driver_transaction(self._engine) as conn:
+                async with conn.pipeline():
+                    locked = await conn.execute(LOCK_PRODUCTS_SQL, (skus,))
+                    earlier = await conn.execute(STORED_ANY_SQL, (request_ids,))
+                products = {row[0]: list(row) for row in await locked.fetchall()}
+                stored = {row[0]: row[1:] for row in await earlier.fetchall()}
+                placed = _PlacedOrders()
+                outcomes: list[Message | Exception] = []
+                for pending in group:
+                    placing = pending.request
+                    try:
+                        if pending.key in stored:
+                            outcomes.append(_placed_before(placing, stored[pending.key]))
+                        else:
+                            outcomes.append(self._placed(placing, products, now, placed))
+                    except DomainError as exc:
+                        outcomes.append(exc)
+                if placed.orders:
+                    async with conn.pipeline():
+                        await conn.execute(*placed.statement(products, now))
+                        await conn.commit()
+        except psycopg.Error as exc:
+            if len(group) > 1 or not _is_request_id_taken(exc):
+                raise
+            (pending,) = group
+            try:
+                outcomes = [_placed_before(pending.request, await self._lookup(pending.key))]
+            except DomainError as reused:
+                outcomes = [reused]
+        else:
+            if placed.orders:
+                self._on_commit()
+        for pending, outcome in zip(group, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                pending.fail(outcome)
+            else:
+                pending.settle(outcome)
 
     def _placed(
-        self,
-        request: commands_pb2.PlaceOrderRequest,
-        ctx: CommandContext,
-        reserved: dict[str, tuple[Any, ...]],
-        quantities: dict[str, int],
-        now: datetime,
-    ) -> tuple[commands_pb2.PlaceOrderResponse, tuple[Any, ...], tuple[Any, ...], list[OutgoingEvent]]:
-        """The order's rows, events and response, from the reserved products (sku, name, price, currency,
-        stock, version)."""
-        order_id = str(uuid.uuid4())
+        self, placing: _Placing, products: dict[str, list[Any]], now: datetime, placed: _PlacedOrders
+    ) -> commands_pb2.PlaceOrderResponse:
+        """Judge one order against the locked products and, when it passes, take its quantities from
+        them and add its rows, events and response to `placed`; raises the rule it fails."""
+        request, ctx = placing.request, placing.ctx
+        quantities = {line.sku: line.quantity for line in request.lines}
+        _check_available(quantities, products)
         lines = [
             domain.PricedLine(
                 sku=line.sku,
-                name=reserved[line.sku][1],
+                name=products[line.sku][1],
                 quantity=line.quantity,
-                unit_price_minor=reserved[line.sku][2],
-                currency=reserved[line.sku][3],
+                unit_price_minor=products[line.sku][2],
+                currency=products[line.sku][3],
             )
             for line in request.lines
         ]
@@ -296,8 +382,15 @@ class CommandHandlers:
             raise FailedPrecondition(
                 "all products of one order must be priced in the same currency", "CURRENCY_MISMATCH", "lines"
             )
+        reserved: dict[str, tuple[Any, ...]] = {}
+        for sku in sorted(quantities):  # each product's next version, its stock after this order
+            row = products[sku]
+            row[4] -= quantities[sku]
+            row[5] += 1
+            reserved[sku] = tuple(row)
+        order_id = str(uuid.uuid4())
         meta = ctx.events_at(now)
-        placed = events_pb2.OrderPlaced(
+        order_placed = events_pb2.OrderPlaced(
             customer_id=request.customer_id,
             lines=[
                 events_pb2.OrderLine(
@@ -311,8 +404,8 @@ class CommandHandlers:
             total=_money(total, currency),
             placed_at=timestamp(now),
         )
-        events = [build_event(meta, ORDER, order_id, 1, order_placed=placed)]
-        events += [
+        placed.events.append(build_event(meta, ORDER, order_id, 1, order_placed=order_placed))
+        placed.events += [
             build_event(
                 meta,
                 PRODUCT,
@@ -320,22 +413,19 @@ class CommandHandlers:
                 row[5],
                 stock_reserved=events_pb2.StockReserved(order_id=order_id, quantity=quantities[sku], stock=row[4]),
             )
-            for sku, row in sorted(reserved.items())
+            for sku, row in reserved.items()
         ]
         versions = {(ORDER, order_id): 1} | {(PRODUCT, sku): row[5] for sku, row in reserved.items()}
         response = commands_pb2.PlaceOrderResponse(
             order_id=order_id, version=1, consistency_token=consistency.encode(versions), total=_money(total, currency)
         )
-        order_row = (order_id, request.customer_id, domain.ORDER_PLACED, total, currency, now, now)
-        items = (
-            order_id,
-            list(range(len(lines))),
-            [line.sku for line in lines],
-            [line.name for line in lines],
-            [line.quantity for line in lines],
-            [line.unit_price_minor for line in lines],
-        )
-        return response, order_row, items, events
+        placed.orders.append((order_id, request.customer_id, domain.ORDER_PLACED, total, currency))
+        placed.items += [
+            (order_id, i, line.sku, line.name, line.quantity, line.unit_price_minor) for i, line in enumerate(lines)
+        ]
+        placed.stored.append((request.request_id, placing.digest, response.SerializeToString()))
+        placed.skus.update(reserved)
+        return response
 
     async def _lookup(self, request_id: str) -> tuple[Any, ...] | None:
         """(command, request_hash, response) stored for request_id, read on a connection of its own."""

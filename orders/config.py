@@ -151,6 +151,11 @@ class Settings:
         120.0, _parse_positive_float, "Stream deduplication window in seconds (Nats-Msg-Id)."
     )
     consumer: str = _setting("orders-projector", str, "Durable consumer name of the projector.")
+    place_order_group_max: int = _setting(
+        64,
+        _parse_positive_int,
+        "Most PlaceOrders that share one transaction (those arriving while one is in flight; 1: each alone).",
+    )
     relay_batch: int = _setting(256, _parse_positive_int, "Outbox rows published per relay round.")
     relay_atomic_min: int = _setting(
         16,

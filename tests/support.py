@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import psycopg
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from orders import jetstream, local_stack, migrations
 from orders.config import Settings
-from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, timestamp
+from orders.db import libpq_url
+from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, parse_event, timestamp
 from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2, events_pb2, queries_pb2_grpc
 
 T = TypeVar("T")
@@ -407,3 +410,96 @@ def verify_cli(settings: Settings) -> tuple[int, dict[str, Any]]:
         return done.returncode, {"unreachable": done.stderr.strip()}
     assert done.stdout, done.stderr
     return done.returncode, json.loads(done.stdout)
+
+
+# --- the stream against the write database -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    seq: int
+    msg_id: str
+    aggregate: tuple[str, str]
+    version: int
+    batch: str | None  # the relay's atomic batch that stored it (Nats-Batch-Id), if any
+
+
+async def _read_stream(settings: Settings) -> list[StreamEvent]:
+    nc = await jetstream.connect(settings.nats_url, "test-reader", retry_forever=False)
+    try:
+        jsm = nc.jsm()
+        state = (await jsm.stream_info(settings.stream)).state
+        events = []
+        for seq in range(state.first_seq, state.last_seq + 1):
+            msg = await jsm.get_msg(settings.stream, seq)
+            envelope = parse_event(msg.data or b"")
+            events.append(
+                StreamEvent(
+                    seq,
+                    (msg.headers or {})["Nats-Msg-Id"],
+                    (envelope.aggregate_type, envelope.aggregate_id),
+                    envelope.aggregate_version,
+                    (msg.headers or {}).get("Nats-Batch-Id"),
+                )
+            )
+        return events
+    finally:
+        await jetstream.close(nc)
+
+
+def stream_events(settings: Settings) -> list[StreamEvent]:
+    return asyncio.run(_read_stream(settings))
+
+
+def unpublished(settings: Settings) -> int:
+    """Outbox rows: the relay deletes each one once JetStream acknowledged it."""
+    with psycopg.connect(libpq_url(settings.write_database_url)) as conn:
+        row = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    return row[0] if row else 0
+
+
+def aggregate_versions(settings: Settings) -> dict[tuple[str, str], int]:
+    """Every aggregate of the write database with its current version (= how many events it has had)."""
+    with psycopg.connect(libpq_url(settings.write_database_url)) as conn:
+        rows = conn.execute(
+            "SELECT 'order', id::text, version FROM orders UNION ALL SELECT 'product', sku, version FROM products"
+        ).fetchall()
+    return {(kind, key): version for kind, key, version in rows}
+
+
+def assert_stream_matches_write_database(settings: Settings) -> list[StreamEvent]:
+    """With the outbox drained: every event committed in the write database is in the stream exactly
+    once, and only those: each aggregate has versions 1 to its version in the write database, in stream
+    order, no event id twice."""
+    assert unpublished(settings) == 0
+    events = stream_events(settings)
+    counts = Counter(e.msg_id for e in events)
+    assert [msg_id for msg_id, n in counts.items() if n > 1] == []
+    versions: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for event in events:
+        versions[event.aggregate].append(event.version)
+    expected = aggregate_versions(settings)
+    assert set(versions) == set(expected)
+    for aggregate, seen in versions.items():
+        assert seen == list(range(1, expected[aggregate] + 1)), (aggregate, seen)
+    return events
+
+
+class CommandProcess:
+    """One command service process and a client for it."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        self.settings = settings
+        self.proc = start_serving("command_service", settings, log_dir)
+        self.channel = grpc.insecure_channel(settings.command_addr)
+        self.stub = commands_pb2_grpc.CommandServiceStub(self.channel)
+
+    def product(self, sku: str, stock: int) -> None:
+        add_product(self.stub, sku, stock=stock, price=10)
+
+    def order(self, *skus: str) -> commands_pb2.PlaceOrderResponse:
+        return place(self.stub, "relay-test", *[(s, 1) for s in skus])
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.proc.stop()

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections import defaultdict
 from pathlib import Path
 
-import grpc
 import psycopg
 import pytest
 
@@ -15,112 +13,21 @@ from command_service.outbox import RELAY_LOCK_KEY, backlog_of
 from orders import jetstream, local_stack
 from orders.config import Settings
 from orders.db import libpq_url
-from orders.events import parse_event
-from orders.v1 import commands_pb2, commands_pb2_grpc
 from tests.support import (
+    CommandProcess,
     Infra,
-    add_product,
+    assert_stream_matches_write_database,
     eventually,
     isolated_settings,
     migrate,
-    place,
     publish_events,
     scrape_metrics,
-    start_serving,
     stays,
+    stream_events,
+    unpublished,
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@dataclass(frozen=True)
-class StreamEvent:
-    seq: int
-    msg_id: str
-    aggregate: tuple[str, str]
-    version: int
-    batch: str | None  # the relay's atomic batch that stored it (Nats-Batch-Id), if any
-
-
-async def _read_stream(settings: Settings) -> list[StreamEvent]:
-    nc = await jetstream.connect(settings.nats_url, "test-reader", retry_forever=False)
-    try:
-        jsm = nc.jsm()
-        state = (await jsm.stream_info(settings.stream)).state
-        events = []
-        for seq in range(state.first_seq, state.last_seq + 1):
-            msg = await jsm.get_msg(settings.stream, seq)
-            envelope = parse_event(msg.data or b"")
-            events.append(
-                StreamEvent(
-                    seq,
-                    (msg.headers or {})["Nats-Msg-Id"],
-                    (envelope.aggregate_type, envelope.aggregate_id),
-                    envelope.aggregate_version,
-                    (msg.headers or {}).get("Nats-Batch-Id"),
-                )
-            )
-        return events
-    finally:
-        await jetstream.close(nc)
-
-
-def stream_events(settings: Settings) -> list[StreamEvent]:
-    return asyncio.run(_read_stream(settings))
-
-
-def unpublished(settings: Settings) -> int:
-    """Outbox rows: the relay deletes each one once JetStream acknowledged it."""
-    with psycopg.connect(libpq_url(settings.write_database_url)) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox").fetchone()
-    return row[0] if row else 0
-
-
-def aggregate_versions(settings: Settings) -> dict[tuple[str, str], int]:
-    """Every aggregate of the write database with its current version (= how many events it has had)."""
-    with psycopg.connect(libpq_url(settings.write_database_url)) as conn:
-        rows = conn.execute(
-            "SELECT 'order', id::text, version FROM orders UNION ALL SELECT 'product', sku, version FROM products"
-        ).fetchall()
-    return {(kind, key): version for kind, key, version in rows}
-
-
-def assert_stream_matches_write_database(settings: Settings) -> list[StreamEvent]:
-    """With the outbox drained: every event committed in the write database is in the stream exactly
-    once, and only those: each aggregate has versions 1 to its version in the write database, in stream
-    order, no event id twice."""
-    assert unpublished(settings) == 0
-    events = stream_events(settings)
-    counts = Counter(e.msg_id for e in events)
-    assert [msg_id for msg_id, n in counts.items() if n > 1] == []
-    versions: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for event in events:
-        versions[event.aggregate].append(event.version)
-    expected = aggregate_versions(settings)
-    assert set(versions) == set(expected)
-    for aggregate, seen in versions.items():
-        assert seen == list(range(1, expected[aggregate] + 1)), (aggregate, seen)
-    return events
-
-
-class CommandProcess:
-    """One command service process and a client for it."""
-
-    def __init__(self, settings: Settings, log_dir: Path) -> None:
-        self.settings = settings
-        self.proc = start_serving("command_service", settings, log_dir)
-        self.channel = grpc.insecure_channel(settings.command_addr)
-        self.stub = commands_pb2_grpc.CommandServiceStub(self.channel)
-
-    def product(self, sku: str, stock: int) -> None:
-        add_product(self.stub, sku, stock=stock, price=10)
-
-    def order(self, *skus: str) -> commands_pb2.PlaceOrderResponse:
-        return place(self.stub, "relay-test", *[(s, 1) for s in skus])
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.proc.stop()
 
 
 async def delete_stream(settings: Settings) -> None:
