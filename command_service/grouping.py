@@ -9,14 +9,16 @@ The invariants, which `Grouper` keeps for any `process` function:
   `fail`. When it raises for a group of several, it must have written nothing (one transaction rolled
   back), and each request is processed again in a group of its own, unless `retry_alone` says the
   error would only repeat (a database that cannot be reached): then all fail with it;
-- a caller that gives up (its call is cancelled) before its request was taken removes it from the
-  queue; once taken, the group goes on without it, as a single transaction would.
+- a caller that gives up (its call is cancelled, say past its deadline) before its request was taken
+  removes it from the queue; once taken, the group goes on without it while any other caller of the
+  group still waits, and is cancelled (its transaction rolled back) when none does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -76,7 +78,9 @@ class Grouper(Generic[T]):
         self._waiting.append(pending)
         WAITING.inc()
         if self._runner is None:
-            self._runner = asyncio.create_task(self._run(), name="command-groups")
+            # In a context of its own: it serves many calls, so it must not log under the first one's
+            # correlation id.
+            self._runner = asyncio.create_task(self._run(), name="command-groups", context=contextvars.Context())
         return await pending.future
 
     async def _run(self) -> None:
@@ -95,8 +99,23 @@ class Grouper(Generic[T]):
             self._runner = None
 
     async def _settle(self, group: list[Pending[T]]) -> None:
+        work = asyncio.ensure_future(self._process(group))
+        abandoned = False
+
+        def gone(_: asyncio.Future[Any]) -> None:
+            nonlocal abandoned
+            if all(pending.future.cancelled() for pending in group):
+                abandoned = True
+                work.cancel()
+
+        for pending in group:
+            pending.future.add_done_callback(gone)
         try:
-            await self._process(group)
+            await work
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not abandoned or (task is not None and task.cancelling()):
+                raise
         except Exception as exc:
             if len(group) == 1 or not self._retry_alone(exc):
                 for pending in group:
@@ -105,7 +124,8 @@ class Grouper(Generic[T]):
             RETRIED.inc()
             log.info("a transaction shared by %d commands failed (%r); trying each alone", len(group), exc)
             for pending in group:
-                await self._settle([pending])
+                if not pending.future.done():
+                    await self._settle([pending])
 
     def _take(self) -> list[Pending[T]]:
         """The next group: the longest-waiting requests, at most `limit`, one per key."""

@@ -216,7 +216,9 @@ class _PlacedOrders:
                 (INSERT_ORDERS_SQL, (now, now, *map(list, zip(*self.orders, strict=True)))),
                 (INSERT_ITEMS_SQL, tuple(map(list, zip(*self.items, strict=True)))),
                 _outbox_rows(self.events),
-                (STORE_ALL_SQL, ("PlaceOrder", *map(list, zip(*self.stored, strict=True)))),
+                # request_ids in sorted order: two groups (of two processes) holding copies of the same
+                # two request_ids wait for each other's keys in one order, never crosswise.
+                (STORE_ALL_SQL, ("PlaceOrder", *map(list, zip(*sorted(self.stored), strict=True)))),
             ]
         )
 

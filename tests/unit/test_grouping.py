@@ -107,3 +107,27 @@ def test_a_request_left_without_an_outcome_fails_instead_of_waiting_forever() ->
         assert await grouper.submit("k2", 21) == 42  # and the next one runs
 
     asyncio.run(scenario())
+
+
+def test_a_group_whose_callers_all_gave_up_is_cancelled_and_the_next_one_runs() -> None:
+    async def scenario() -> None:
+        cancelled = asyncio.Event()
+
+        async def stuck(group: list[Pending[Any]]) -> None:
+            if group[0].request == "stuck":
+                try:
+                    await asyncio.Event().wait()  # a transaction waiting for a lock
+                except asyncio.CancelledError:
+                    cancelled.set()
+                    raise
+            for pending in group:
+                pending.settle("done")
+
+        grouper = Grouper(stuck, limit=10)
+        one = await started(grouper, "a", "stuck")
+        await asyncio.sleep(0)
+        one.cancel()  # its deadline passed
+        await asyncio.wait_for(cancelled.wait(), 5)
+        assert await asyncio.wait_for(grouper.submit("b", "next"), 5) == "done"
+
+    asyncio.run(scenario())
