@@ -78,7 +78,12 @@ from orders.v1 import (  # noqa: E402
     queries_pb2_grpc,
 )
 from projector import lag  # noqa: E402
-from tests.support import publish_events, synthetic_history, synthetic_read_model_sql  # noqa: E402
+from tests.support import (  # noqa: E402
+    publish_events,
+    scrape_metrics,
+    synthetic_history,
+    synthetic_read_model_sql,
+)
 
 SKUS = [f"BENCH-{i:03d}" for i in range(200)]
 PCTS = (50, 95, 99)
@@ -269,6 +274,7 @@ def drive(system: LocalSystem, args: argparse.Namespace, rate: float, visibility
         for i in range(args.clients)
     ]
     procs = [ctx.Process(target=load_process, args=(job, results)) for job in jobs]
+    groups_before = place_order_groups(system)
     cpu_before = cpu_by_component(system)
     started = time.monotonic()
     for proc in procs:
@@ -278,6 +284,7 @@ def drive(system: LocalSystem, args: argparse.Namespace, rate: float, visibility
         sample_while(system, started, lambda: gather_results(results, procs, outputs))  # read as they run
     )
     cpu_after = cpu_by_component(system)
+    groups = [after - before for after, before in zip(place_order_groups(system), groups_before, strict=True)]
     for proc in procs:
         proc.join(30)
     elapsed = max(out["seconds"] for out in outputs)  # the load's span (process start-up excluded)
@@ -299,9 +306,20 @@ def drive(system: LocalSystem, args: argparse.Namespace, rate: float, visibility
         "by_rpc": {kind: summary(values, elapsed) for kind, values in merged.items() if values},
         "visibility_ms": {f"p{p}": percentile([v for o in outputs for v in o["visibility"]], p) * 1000 for p in PCTS},
         "failures": failures,
+        # group commit: PlaceOrders per transaction (0 when the command service does not export it)
+        "place_orders_per_transaction": groups[0] / groups[1] if groups[1] else 0.0,
         "lag": lags,
         "max_rss_mb": memory,
     }
+
+
+def place_order_groups(system: LocalSystem) -> tuple[float, float]:
+    """(PlaceOrders, transactions) the command service has committed them in so far, from its metrics."""
+    try:
+        scraped = scrape_metrics(system.settings.command_metrics_addr)
+    except OSError:  # a system measured with --given may not expose its metrics here
+        return 0.0, 0.0
+    return scraped.get("orders_command_group_size_sum", 0.0), scraped.get("orders_command_group_size_count", 0.0)
 
 
 def rss_mb(pid: int) -> float:
@@ -714,6 +732,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "raw_sql_p99_ms": ["raw_sql", "p99_ms"],
         "raw_sql_cpu_ms_per_tx": ["raw_sql", "cpu_ms_per_tx"],
         "commands_per_s": ["commands_max", "commands_per_second"],
+        "place_orders_per_transaction": ["commands_max", "place_orders_per_transaction"],
         "visibility_p50_ms": ["commands_paced", "visibility_ms", "p50"],
         "visibility_p99_ms": ["commands_paced", "visibility_ms", "p99"],
         "raw_publish_per_s": ["raw_jetstream", "publish_per_second"],
@@ -766,6 +785,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"p50 {m['raw_sql_p50_ms']:.1f} / p99 {m['raw_sql_p99_ms']:.1f} ms",
         ),
         ("ratio PlaceOrder / raw SQL", f"{m['placeorder_vs_raw_sql']:.2f}", ""),
+        ("PlaceOrders per transaction (group commit), full speed", f"{m['place_orders_per_transaction']:.1f}", ""),
         (
             "CPU per command, all processes / CPU per raw transaction (client + PostgreSQL)",
             f"{m['cpu_ms_per_command_total']:.2f} / {m['raw_sql_cpu_ms_per_tx']:.2f} ms",
