@@ -9,15 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from orders.errors import FieldViolation, InvalidArgument
+from orders.inputs import MAX_ID_LENGTH, MAX_NAME_LENGTH, MAX_REASON_LENGTH, SKU_PATTERN, text_problem
 from orders.v1 import commands_pb2
 
-SKU_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 CURRENCY_PATTERN = re.compile(r"[A-Z]{3}")
-MAX_ID_LENGTH = 128
 MAX_LINES = 100
 MAX_QUANTITY = 10_000
-MAX_NAME_LENGTH = 200
-MAX_REASON_LENGTH = 500
 MAX_STOCK = 1_000_000_000
 MAX_PRICE_MINOR = 10**12  # keeps any order total (100 lines x 10,000 units) far inside int64
 
@@ -39,15 +36,11 @@ class _Violations:
             self.add(field, description)
 
     def text(self, value: str, field: str, max_length: int, *, required: bool = True) -> None:
-        if required and not value.strip():
-            self.add(field, "is required")
-        elif len(value) > max_length:
-            self.add(field, f"must be at most {max_length} characters")
-        elif any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-            self.add(field, "must not contain control characters")
+        if problem := text_problem(value, max_length, required=required):
+            self.add(field, problem)
 
     def sku(self, value: str, field: str) -> None:
-        self.check(bool(SKU_PATTERN.fullmatch(value)), field, "must match [A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+        self.check(bool(SKU_PATTERN.fullmatch(value)), field, f"must match {SKU_PATTERN.pattern}")
 
     def expected_version(self, has: bool, value: int, field: str, minimum: int) -> None:
         if has:

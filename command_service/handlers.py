@@ -37,10 +37,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from command_service import domain
 from command_service.grouping import Grouper, Pending
 from orders import consistency
+from orders.conversions import money, timestamp
 from orders.db import driver_transaction, is_unavailable
 from orders.errors import DomainError, FailedPrecondition, NotFound, RequestIdReused, VersionConflict
-from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, timestamp
-from orders.v1 import commands_pb2, common_pb2, events_pb2
+from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event
+from orders.v1 import commands_pb2, events_pb2
 
 R = TypeVar("R", bound=Message)
 Statement = tuple[str, Sequence[Any]]
@@ -230,10 +231,6 @@ def _placed_before(placing: _Placing, stored: tuple[Any, ...] | None) -> command
     )
 
 
-def _money(minor: int, currency: str) -> common_pb2.Money:
-    return common_pb2.Money(currency_code=currency, minor_units=minor)
-
-
 class CommandHandlers:
     """The four commands against one write database. `on_commit` runs after each committed change."""
 
@@ -399,11 +396,11 @@ class CommandHandlers:
                     sku=line.sku,
                     name=line.name,
                     quantity=line.quantity,
-                    unit_price=_money(line.unit_price_minor, line.currency),
+                    unit_price=money(line.unit_price_minor, line.currency),
                 )
                 for line in lines
             ],
-            total=_money(total, currency),
+            total=money(total, currency),
             placed_at=timestamp(now),
         )
         placed.events.append(build_event(meta, ORDER, order_id, 1, order_placed=order_placed))
@@ -419,7 +416,7 @@ class CommandHandlers:
         ]
         versions = {(ORDER, order_id): 1} | {(PRODUCT, sku): row[5] for sku, row in reserved.items()}
         response = commands_pb2.PlaceOrderResponse(
-            order_id=order_id, version=1, consistency_token=consistency.encode(versions), total=_money(total, currency)
+            order_id=order_id, version=1, consistency_token=consistency.encode(versions), total=money(total, currency)
         )
         placed.orders.append((order_id, request.customer_id, domain.ORDER_PLACED, total, currency))
         placed.items += [
@@ -555,7 +552,7 @@ class CommandHandlers:
                     (UPDATE_PRODUCT_SQL, (request.name, price.minor_units, price.currency_code, version, now, sku))
                 )
             upserted = events_pb2.ProductUpserted(
-                name=request.name, unit_price=_money(price.minor_units, price.currency_code), stock=stock
+                name=request.name, unit_price=money(price.minor_units, price.currency_code), stock=stock
             )
             event = build_event(ctx.events_at(now), PRODUCT, sku, version, product_upserted=upserted)
             response = commands_pb2.UpsertProductResponse(

@@ -53,6 +53,7 @@ from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Gauge, Histogram
 
 from orders import jetstream, outbox_report
+from orders.backoff import Backoff
 from orders.config import Settings
 from orders.db import libpq_url
 from orders.runtime import Throttle
@@ -61,8 +62,6 @@ log = logging.getLogger(__name__)
 
 RELAY_LOCK_KEY = 0x6F72646572730001  # pg_advisory_lock key: "orders" + relay id 1
 BACKLOG_LOG_INTERVAL = 10.0  # seconds between log lines about a backlog
-RETRY_BASE_DELAY = 0.2
-RETRY_MAX_DELAY = 5.0
 WAKE_SUBJECT = "orders.v1.relay.wake"  # core NATS: "there are new outbox rows", to whichever relay leads
 
 PUBLISHED = Counter("orders_outbox_published_events", "Outbox events acknowledged by JetStream")
@@ -151,7 +150,7 @@ class OutboxRelay:
             await self._ensure_stream(nc)
             await nc.subscribe(WAKE_SUBJECT, cb=self._on_remote_commit)
             js = nc.jetstream(timeout=self._settings.publish_timeout)
-            failures = 0
+            failures = Backoff()
             while True:
                 try:
                     outcome = await self._round(js)
@@ -163,15 +162,12 @@ class OutboxRelay:
                     outcome = RoundOutcome.FAILED
                 else:
                     self._failing = "outbox relay: publishes failing" if outcome is RoundOutcome.FAILED else None
-                if outcome is RoundOutcome.MORE:
-                    failures = 0
-                    continue
                 if outcome is RoundOutcome.FAILED:  # retry soon, backing off, whether or not commits arrive
-                    failures += 1
-                    await asyncio.sleep(min(RETRY_BASE_DELAY * 2 ** (failures - 1), RETRY_MAX_DELAY))
+                    await failures.sleep()
                     continue
-                failures = 0
-                await self._idle(nc)
+                failures.reset()
+                if outcome is RoundOutcome.DRAINED:
+                    await self._idle(nc)
         finally:
             await self._drop_connection()
             await jetstream.close(nc)
@@ -197,7 +193,7 @@ class OutboxRelay:
                 await nc.publish(WAKE_SUBJECT, b"")
 
     async def _ensure_stream(self, nc: NATS) -> None:
-        delay = 0.2
+        backoff = Backoff()
         while True:
             try:
                 await jetstream.ensure_stream(nc, self._settings)
@@ -206,8 +202,7 @@ class OutboxRelay:
             except Exception as exc:  # timeouts or API errors while NATS starts
                 log.warning("cannot set up stream %s (%s); retrying", self._settings.stream, exc)
                 self._failing = f"outbox relay: cannot set up stream {self._settings.stream} ({exc})"[:200]
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.sleep()
 
     async def _leader_connection(self) -> psycopg.AsyncConnection[Any] | None:
         """The connection holding the relay lock, or None when another relay holds it."""

@@ -6,9 +6,9 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from google.protobuf import timestamp_pb2
 from google.protobuf.message import Message
 
+from orders.conversions import timestamp
 from orders.v1 import events_pb2
 
 SUBJECT_PREFIX = "orders.v1.events"
@@ -25,12 +25,6 @@ HEADER_TRACEPARENT = "traceparent"
 def subject_for(aggregate_type: str, aggregate_id: str) -> str:
     """orders.v1.events.<aggregate_type>.<aggregate_id>. SKUs and UUIDs hold no '.', '*' or '>'."""
     return f"{SUBJECT_PREFIX}.{aggregate_type}.{aggregate_id}"
-
-
-def timestamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(moment)
-    return ts
 
 
 @dataclass(frozen=True)

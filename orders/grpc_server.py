@@ -30,8 +30,6 @@ MAX_STREAMS_PER_CONNECTION = 256
 # Clients may send keepalive pings of their own this often at most (gRPC's server default is 5 minutes,
 # stricter than most client keepalive settings: a client pinging faster is sent GOAWAY too_many_pings).
 CLIENT_PING_MIN_INTERVAL_MS = 10_000
-# Server-side deadline of unary calls, from ORDERS_MAX_CALL_SECONDS (set by create_server, one server per process).
-max_call_seconds = 30.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,13 +65,17 @@ def _tolerant_deserializer(message_class: Any) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> None:
-    """Register servicer's methods for service, with deserializers that never fail the call."""
+def add_servicer(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any, max_call_seconds: float) -> None:
+    """Register servicer's methods for service, with deserializers that never fail the call; unary
+    methods wrapped by `rpc` end after max_call_seconds at the latest."""
     handlers = {}
     for method in service.methods:
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        behaviour = getattr(servicer, method.name)
+        if getattr(behaviour, "takes_call_limit", False):
+            behaviour = functools.partial(behaviour, max_call_seconds=max_call_seconds)
         handlers[method.name] = make(
-            getattr(servicer, method.name),
+            behaviour,
             request_deserializer=_tolerant_deserializer(message_factory.GetMessageClass(method.input_type)),
             response_serializer=lambda message: message.SerializeToString(),
         )
@@ -138,8 +140,9 @@ def rpc(method: F | None = None, *, access_log: int = logging.DEBUG, streams: bo
     else → INTERNAL with a generic message (the stack trace goes to the log, never to the client).
     Every answer carries the call's x-correlation-id in its trailing metadata. Works for unary methods
     and for server-streaming async generators; access_log is the level of the per-call log line.
-    Unary calls end after max_call_seconds at the latest; streams (async generators, or coroutines
-    that write with context.write, marked streams=True) last as long as the client wants.
+    Unary calls end after max_call_seconds (given by `add_servicer`) at the latest; streams (async
+    generators, or coroutines that write with context.write, marked streams=True) last as long as the
+    client wants.
     """
     if method is None:
         return functools.partial(rpc, access_log=access_log, streams=streams)
@@ -169,7 +172,9 @@ def rpc(method: F | None = None, *, access_log: int = logging.DEBUG, streams: bo
         return stream_wrapper
 
     @functools.wraps(method)
-    async def unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def unary_wrapper(
+        self: Any, request: Any, context: grpc.aio.ServicerContext, max_call_seconds: float | None = None
+    ) -> Any:
         with tracing.span(span_name, _metadata(context, TRACEPARENT_HEADER)) as traceparent:
             call = _Call(service, name, access_log, context, traceparent)
             try:
@@ -185,7 +190,7 @@ def rpc(method: F | None = None, *, access_log: int = logging.DEBUG, streams: bo
                 call.finish(grpc.StatusCode.DEADLINE_EXCEEDED)
                 await context.abort(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"the call took longer than the server's limit of {max_call_seconds:g}s",
+                    f"the call took longer than the server's limit of {max_call_seconds or 0:g}s",
                     ((CORRELATION_HEADER, call.correlation_id),),
                 )
             except asyncio.CancelledError:
@@ -194,6 +199,7 @@ def rpc(method: F | None = None, *, access_log: int = logging.DEBUG, streams: bo
             except Exception as exc:
                 await call.fail(exc)
 
+    unary_wrapper.takes_call_limit = True  # type: ignore[attr-defined]
     return unary_wrapper
 
 
@@ -244,8 +250,6 @@ def create_server(
 
     TLS, mTLS and bearer-token checks as settings configure them. Bind to port 0 to get a free port.
     """
-    global max_call_seconds
-    max_call_seconds = settings.max_call_seconds
     tokens = security.load_tokens(settings)
     server = grpc.aio.server(
         interceptors=[security.AuthInterceptor(tokens, settings.auth_open_health)] if tokens is not None else [],
@@ -258,7 +262,7 @@ def create_server(
             *keepalive_options(settings),
         ],
     )
-    add_servicer(server, service, servicer)
+    add_servicer(server, service, servicer, settings.max_call_seconds)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable(server, [service.full_name, health.SERVICE_NAME])

@@ -13,6 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 from nats.js.errors import NotFoundError
 
+from orders.backoff import Backoff
 from orders.config import Settings
 from orders.events import SUBJECT_WILDCARD
 
@@ -63,7 +64,7 @@ async def connect(target: Settings | str, name: str, *, retry_forever: bool = Tr
             options["user_credentials"] = target.nats_creds_file
         elif target.nats_user:
             options.update(user=target.nats_user, password=target.nats_password)
-    delay = 0.2
+    backoff = Backoff()
     while True:
         try:
             client.append(await nats.connect(servers=url.split(","), **options))
@@ -71,9 +72,9 @@ async def connect(target: Settings | str, name: str, *, retry_forever: bool = Tr
         except Exception as exc:  # nats-py raises several unrelated types for an unreachable server
             if not retry_forever:
                 raise
+            delay = backoff.next()
             log.warning("cannot connect to NATS at %s (%s); retrying in %.1fs", url, exc, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 def stream_config(settings: Settings) -> api.StreamConfig:

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf import timestamp_pb2
 from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders.config import Settings
+from orders.conversions import timestamp
 from orders.db import driver_transaction
 from orders.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from orders.events import UndecodableEvent, parse_event
@@ -42,8 +42,6 @@ def _letter(row: tuple[Any, ...], with_payload: bool) -> admin_pb2.DeadLetter:
         _headers,
         created_at,
     ) = row
-    created = timestamp_pb2.Timestamp()
-    created.FromDatetime(created_at)
     message = admin_pb2.DeadLetter(
         id=letter_id,
         stream_sequence=seq,
@@ -54,7 +52,7 @@ def _letter(row: tuple[Any, ...], with_payload: bool) -> admin_pb2.DeadLetter:
         status=_STATUS.get(status, admin_pb2.DEAD_LETTER_STATUS_UNSPECIFIED),
         reason=reason,
         deliveries=deliveries,
-        created_at=created,
+        created_at=timestamp(created_at),
     )
     if with_payload:
         message.payload = bytes(payload)

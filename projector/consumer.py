@@ -44,6 +44,7 @@ from prometheus_client import Counter, Histogram
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orders import jetstream, outbox_report, tracing
+from orders.backoff import Backoff
 from orders.config import Settings
 from orders.correlation import child_traceparent
 from orders.db import driver_transaction, is_unavailable
@@ -123,6 +124,33 @@ async def signal_changes(conn: psycopg.AsyncConnection[Any], changes: list[Chang
         " SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload",
         (PROJECTION_NAME, max(c.stream_seq for c in changes), CHANGES_CHANNEL, change_payloads(changes)),
     )
+
+
+def _set_aside(
+    items: list[tuple[Msg, Item]],
+    known: dict[tuple[str, str], list[tuple[int, int | None]]],
+    rejected: list[dead_letters.DeadLetter],
+) -> tuple[list[Item], list[dead_letters.DeadLetter]]:
+    """The items to fold, and the dead letters of the batch: those rejected before (undecodable), and
+    one for each item set aside because it is a dead letter already (redelivered after a crash) or
+    waits behind an open dead letter of its aggregate (`known`, from the database, and the rejected)."""
+    letters = list(rejected)
+    for letter in rejected:  # undecodable events of this very batch block their aggregate too
+        known.setdefault((letter.aggregate_type, letter.aggregate_id), []).append(
+            (letter.stream_seq, letter.aggregate_version)
+        )
+    runnable: list[Item] = []
+    for msg, item in items:
+        mine = known.get(item.aggregate, [])
+        if any(seq == item.seq for seq, _ in mine):
+            item.outcome = None  # terminated: it is recorded already
+            letters.append(_dead_letter(msg, item.event, dead_letters.DEAD, "already dead-lettered"))
+        elif dead_letters.blocked_by(mine, item.seq, item.event.aggregate_version):
+            item.outcome = None
+            letters.append(_dead_letter(msg, item.event, dead_letters.PARKED, "parked behind a dead letter"))
+        else:
+            runnable.append(item)
+    return runnable, letters
 
 
 def _dead_letter(msg: Msg, event: Any, status: str, reason: str) -> dead_letters.DeadLetter:
@@ -277,7 +305,7 @@ class Projector:
             return []
 
     async def _setup(self, nc: NATS) -> None:
-        delay = 0.2
+        backoff = Backoff()
         while True:
             try:  # the stream belongs to the command side (it publishes); the projector only reads it
                 await nc.jsm().stream_info(self._settings.stream)
@@ -285,8 +313,7 @@ class Projector:
                 return
             except Exception as exc:
                 log.warning("cannot set up the consumer on stream %s (%s); retrying", self._settings.stream, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.sleep()
 
     async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
         return await js.pull_subscribe_bind(durable=self._settings.consumer, stream=self._settings.stream)
@@ -438,7 +465,7 @@ class Projector:
         delay (its ack deadline is renewed meanwhile by _handle_renewing). False when the database
         answers right away (the failure was not an outage: lock or statement timeouts, deadlocks) or
         the projector is stopping: then the batch is nak'ed with the back-off."""
-        delay, was_down = OUTAGE_RECHECK_FIRST, False
+        recheck, was_down = Backoff(OUTAGE_RECHECK_FIRST, OUTAGE_RECHECK_MAX), False
         while not self._stopping.is_set():
             try:
                 async with driver_transaction(self._engine) as conn:
@@ -451,8 +478,7 @@ class Projector:
                     log.warning("read database unavailable (%s); holding the batch until it answers", exc)
                 was_down = True
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            delay = min(delay * 2, OUTAGE_RECHECK_MAX)
+                await asyncio.wait_for(self._stopping.wait(), recheck.next())
         return False
 
     async def _retry_later(self, msgs: list[Msg], exc: Exception) -> None:
@@ -483,75 +509,71 @@ class Projector:
     async def _apply(
         self, msgs: list[Msg], items: list[tuple[Msg, Item]], rejected: list[dead_letters.DeadLetter], give_up: bool
     ) -> list[Msg]:
-        """One transaction over items; returns the messages to terminate (now recorded as dead letters).
+        """One transaction over the batch's items, in two round trips; returns the messages to terminate
+        (recorded as dead letters in that same transaction).
 
-        With give_up, a GAP that has had max_deliver deliveries becomes a dead letter.
+        The steps: read the aggregates' open dead letters and lock their rows (round trip 1); set aside
+        the items that are dead letters already or wait behind one (`_set_aside`); fold the others into
+        the rows (`plan`); with give_up, make dead letters of gaps that have had max_deliver deliveries
+        (`_give_up_on_gaps`); write the rows, dead letters, checkpoint and NOTIFY, and COMMIT (round
+        trip 2); then count and log what happened (`_report`).
         """
-        letters = list(rejected)
         started_ns = time.time_ns()
         async with driver_transaction(self._engine) as conn:
-            async with conn.pipeline():  # round trip 1: BEGIN, the aggregates' dead letters, their rows locked
+            async with conn.pipeline():  # round trip 1
                 letters_read = await dead_letters.queue_open_letters(conn, [item.aggregate for _, item in items])
                 rows_read = await queue_reads(conn, [item for _, item in items])
-            known = await dead_letters.open_letters(letters_read)
-            for letter in rejected:  # undecodable events of this very batch block their aggregate too
-                aggregate = (letter.aggregate_type, letter.aggregate_id)
-                known.setdefault(aggregate, []).append((letter.stream_seq, letter.aggregate_version))
-            runnable: list[Item] = []
-            for msg, item in items:
-                mine = known.get(item.aggregate, [])
-                if any(seq == item.seq for seq, _ in mine):
-                    item.outcome = None  # already a dead letter (redelivered after a crash): terminate
-                    letters.append(_dead_letter(msg, item.event, dead_letters.DEAD, "already dead-lettered"))
-                elif dead_letters.blocked_by(mine, item.seq, item.event.aggregate_version):
-                    item.outcome = None
-                    letters.append(_dead_letter(msg, item.event, dead_letters.PARKED, "parked behind a dead letter"))
-                else:
-                    runnable.append(item)
+            runnable, letters = _set_aside(items, await dead_letters.open_letters(letters_read), rejected)
             folded = await plan(runnable, rows_read)
-            for msg, item in items:
-                if (
-                    give_up
-                    and item.outcome is Outcome.GAP
-                    and (msg.metadata.num_delivered or 1) >= self._settings.max_deliver
-                ):
-                    item.outcome = None
-                    reason = (
-                        f"predecessor (version {item.event.aggregate_version - 1}) still missing after "
-                        f"{msg.metadata.num_delivered} deliveries"
-                    )
-                    letters.append(_dead_letter(msg, item.event, dead_letters.DEAD, reason))
-            async with conn.pipeline():  # round trip 2: the rows, dead letters, checkpoint and NOTIFY, COMMIT
+            if give_up:
+                letters += self._give_up_on_gaps(items)
+            async with conn.pipeline():  # round trip 2
                 await execute_writes(conn, folded)
                 await dead_letters.record(conn, letters)
                 await signal_changes(conn, folded.changes)
                 await conn.commit()
-        applied = sum(1 for _, item in items if item.outcome is Outcome.APPLIED)
-        if applied:
-            _log_applied([item for _, item in items if item.outcome is Outcome.APPLIED], started_ns)
-        if tracing.enabled() or log.isEnabledFor(logging.DEBUG):
-            for msg, item in items:
-                if item.outcome is Outcome.APPLIED:
-                    self._record_applied(msg, item, started_ns)
-        self.applied_total += applied
-        APPLIED.inc(applied)
-        DUPLICATES.inc(sum(1 for _, item in items if item.outcome is Outcome.DUPLICATE))
-        if letters:
-            self.dead_lettered_total += len(letters)
-            for letter in letters:
-                DEAD_LETTERS.labels(letter.status).inc()
-                log.error(
-                    "dead letter (%s) at stream sequence %d, %s/%s v%s: %s",
-                    letter.status,
-                    letter.stream_seq,
-                    letter.aggregate_type,
-                    letter.aggregate_id,
-                    letter.aggregate_version,
-                    letter.reason,
-                    extra={
-                        "correlation_id": letter.headers.get(HEADER_CORRELATION_ID, ""),
-                        "traceparent": child_traceparent(letter.headers.get(HEADER_TRACEPARENT)),
-                    },
-                )
+        self._report(items, letters, started_ns)
         by_seq = {msg.metadata.sequence.stream: msg for msg in msgs}
         return [by_seq[letter.stream_seq] for letter in letters]
+
+    def _give_up_on_gaps(self, items: list[tuple[Msg, Item]]) -> list[dead_letters.DeadLetter]:
+        """Dead letters for the gaps (predecessor not applied) that have had max_deliver deliveries."""
+        letters = []
+        for msg, item in items:
+            deliveries = msg.metadata.num_delivered or 1
+            if item.outcome is Outcome.GAP and deliveries >= self._settings.max_deliver:
+                item.outcome = None
+                reason = (
+                    f"predecessor (version {item.event.aggregate_version - 1}) still missing after "
+                    f"{deliveries} deliveries"
+                )
+                letters.append(_dead_letter(msg, item.event, dead_letters.DEAD, reason))
+        return letters
+
+    def _report(self, items: list[tuple[Msg, Item]], letters: list[dead_letters.DeadLetter], started_ns: int) -> None:
+        """Counters, the applied events' log lines and spans, and an error line per dead letter."""
+        applied = [(msg, item) for msg, item in items if item.outcome is Outcome.APPLIED]
+        if applied:
+            _log_applied([item for _, item in applied], started_ns)
+        if tracing.enabled() or log.isEnabledFor(logging.DEBUG):
+            for msg, item in applied:
+                self._record_applied(msg, item, started_ns)
+        self.applied_total += len(applied)
+        APPLIED.inc(len(applied))
+        DUPLICATES.inc(sum(1 for _, item in items if item.outcome is Outcome.DUPLICATE))
+        self.dead_lettered_total += len(letters)
+        for letter in letters:
+            DEAD_LETTERS.labels(letter.status).inc()
+            log.error(
+                "dead letter (%s) at stream sequence %d, %s/%s v%s: %s",
+                letter.status,
+                letter.stream_seq,
+                letter.aggregate_type,
+                letter.aggregate_id,
+                letter.aggregate_version,
+                letter.reason,
+                extra={
+                    "correlation_id": letter.headers.get(HEADER_CORRELATION_ID, ""),
+                    "traceparent": child_traceparent(letter.headers.get(HEADER_TRACEPARENT)),
+                },
+            )

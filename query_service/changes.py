@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from orders.backoff import Backoff
 from orders.consistency import Versions
 from orders.db import libpq_url
 from orders.read_model import CHANGES_CHANNEL, RESYNC_PAYLOAD
@@ -77,7 +78,7 @@ class ChangeFeed:
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with back-off when the connection breaks."""
-        delay = 0.2
+        backoff = Backoff()
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
@@ -85,7 +86,7 @@ class ChangeFeed:
                 ) as conn:
                     await conn.execute(f"LISTEN {CHANGES_CHANNEL}")
                     self.connected.set()
-                    delay = 0.2
+                    backoff.reset()
                     self._wake_everyone()
                     async for notify in conn.notifies():
                         await self._dispatch(notify.payload)
@@ -94,8 +95,7 @@ class ChangeFeed:
             except Exception as exc:
                 log.warning("change listener lost its connection (%s); reconnecting", exc)
             self.connected.clear()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            await backoff.sleep()
 
     async def probe(self) -> str | None:
         """Health probe: None while listening for the projector's signals."""

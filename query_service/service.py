@@ -21,6 +21,7 @@ from orders.errors import (
     Unavailable,
 )
 from orders.grpc_server import rpc
+from orders.inputs import MAX_ID_LENGTH
 from orders.v1 import queries_pb2, queries_pb2_grpc
 from query_service import views
 from query_service.changes import OVERFLOW, ChangeFeed, Watch
@@ -223,7 +224,7 @@ class QueryService(queries_pb2_grpc.QueryServiceServicer):
             raise InvalidArgument([FieldViolation("order_ids", "set exactly one of order_ids or customer_id")])
         if len(request.order_ids) > MAX_WATCHED_ORDERS:
             raise InvalidArgument([FieldViolation("order_ids", f"at most {MAX_WATCHED_ORDERS} orders per watch")])
-        views.check_text(request.customer_id, "customer_id", 128)
+        views.check_text(request.customer_id, "customer_id", MAX_ID_LENGTH)
         return sorted({_order_id(v, f"order_ids[{i}]") for i, v in enumerate(request.order_ids)})
 
 

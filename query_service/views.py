@@ -12,13 +12,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from google.protobuf import timestamp_pb2
 from psycopg.rows import namedtuple_row
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.dialects.postgresql import psycopg as postgresql_psycopg
 
+from orders.conversions import money, timestamp
 from orders.db import libpq_url
 from orders.errors import FieldViolation, InvalidArgument
+from orders.inputs import MAX_ID_LENGTH, MAX_NAME_LENGTH, MAX_SKU_LENGTH, text_problem
 from orders.read_model import order_changes, order_summaries, product_views
 from orders.v1 import common_pb2, queries_pb2
 
@@ -31,16 +32,6 @@ _STATUS_ENUMS = {v: k for k, v in _STATUS_NAMES.items()}
 SUMMARY_COLUMNS = [c for c in order_summaries.c if c.name != "search"]
 
 
-def _ts(moment: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(moment)
-    return ts
-
-
-def _money(minor: int, currency: str) -> common_pb2.Money:
-    return common_pb2.Money(currency_code=currency, minor_units=minor)
-
-
 def summary_message(row: Any) -> queries_pb2.OrderSummary:
     return queries_pb2.OrderSummary(
         order_id=row.order_id,
@@ -51,15 +42,15 @@ def summary_message(row: Any) -> queries_pb2.OrderSummary:
                 sku=line["sku"],
                 name=line["name"],
                 quantity=line["quantity"],
-                unit_price=_money(line["unit_price_minor"], row.currency),
-                line_total=_money(line["unit_price_minor"] * line["quantity"], row.currency),
+                unit_price=money(line["unit_price_minor"], row.currency),
+                line_total=money(line["unit_price_minor"] * line["quantity"], row.currency),
             )
             for line in row.lines
         ],
         item_count=row.item_count,
-        total=_money(row.total_minor, row.currency),
-        placed_at=_ts(row.placed_at),
-        updated_at=_ts(row.updated_at),
+        total=money(row.total_minor, row.currency),
+        placed_at=timestamp(row.placed_at),
+        updated_at=timestamp(row.updated_at),
         cancel_reason=row.cancel_reason,
         version=row.version,
         stream_sequence=row.stream_seq,
@@ -70,10 +61,10 @@ def product_message(row: Any) -> queries_pb2.ProductView:
     return queries_pb2.ProductView(
         sku=row.sku,
         name=row.name,
-        unit_price=_money(row.unit_price_minor, row.currency),
+        unit_price=money(row.unit_price_minor, row.currency),
         stock=row.stock,
         version=row.version,
-        updated_at=_ts(row.updated_at),
+        updated_at=timestamp(row.updated_at),
     )
 
 
@@ -87,16 +78,6 @@ def page_size(value: int, field: str = "page_size") -> int:
 
 def encode_page_token(state: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(state, separators=(",", ":")).encode()).decode().rstrip("=")
-
-
-def text_problem(value: str, max_length: int) -> str | None:
-    """Why a free-text input cannot be used (None when it can): too long, or control characters
-    (PostgreSQL cannot even hold a NUL)."""
-    if len(value) > max_length:
-        return f"must be at most {max_length} characters"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
-        return "must not contain control characters"
-    return None
 
 
 def check_text(value: str, field: str, max_length: int) -> None:
@@ -122,7 +103,7 @@ def _filter_conditions(filt: queries_pb2.OrderFilter) -> list[Any]:
     violations: list[FieldViolation] = []
     conditions: list[Any] = []
     if filt.customer_id:
-        problem = text_problem(filt.customer_id, 128)
+        problem = text_problem(filt.customer_id, MAX_ID_LENGTH)
         if problem:
             violations.append(FieldViolation("filter.customer_id", problem))
         conditions.append(order_summaries.c.customer_id == filt.customer_id)
@@ -303,11 +284,11 @@ class ReadModel:
         self, size: int, token: str, in_stock_only: bool, name_prefix: str
     ) -> tuple[list[queries_pb2.ProductView], str]:
         """Products by SKU, keyset-paginated."""
-        check_text(name_prefix, "name_prefix", 200)
+        check_text(name_prefix, "name_prefix", MAX_NAME_LENGTH)
         stmt = sa.select(product_views).order_by(product_views.c.sku).limit(size + 1)
         if token:
             after = decode_page_token(token, {"after"})["after"]
-            if not isinstance(after, str) or text_problem(after, 64):
+            if not isinstance(after, str) or text_problem(after, MAX_SKU_LENGTH):
                 raise InvalidArgument([FieldViolation("page_token", "is not a page token returned by this call")])
             stmt = stmt.where(product_views.c.sku > after)
         if in_stock_only:

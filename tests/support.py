@@ -25,8 +25,9 @@ from grpc_status import rpc_status
 
 from orders import jetstream, local_stack, migrations
 from orders.config import Settings
+from orders.conversions import timestamp
 from orders.db import libpq_url
-from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, parse_event, timestamp
+from orders.events import ORDER, PRODUCT, EventContext, OutgoingEvent, build_event, parse_event
 from orders.v1 import commands_pb2, commands_pb2_grpc, common_pb2, events_pb2, queries_pb2_grpc
 
 T = TypeVar("T")
