@@ -27,7 +27,7 @@ Invariants:
   message id; JetStream then drops the copies one by one), and every round on a stream or server
   without atomic publishes.
 - Only one relay publishes at a time, across processes: it holds a PostgreSQL session advisory lock
-  on the connection it reads and marks with. If that connection breaks, the lock goes with it and
+  on the connection it reads and deletes with. If that connection breaks, the lock goes with it and
   the relay re-acquires it (or another process, polling, takes over).
 - A commit in any process reaches the leader at once: a relay that does not lead passes its process's
   commits on as a core NATS message (WAKE_SUBJECT, coalesced: one per wait), and looks for the lock

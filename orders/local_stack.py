@@ -88,8 +88,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def free_addresses() -> dict[str, str]:
-    """Every listen-address setting (field name → 127.0.0.1:port) on ports that are free right now."""
+def free_addresses() -> dict[str, Any]:
+    """Every listen-address setting (field name → 127.0.0.1:port) on ports that are free right now, as
+    keyword arguments for Settings."""
     from orders.config import Settings
 
     return {f.name: f"127.0.0.1:{free_port()}" for f in dataclasses.fields(Settings) if f.name.endswith("_addr")}

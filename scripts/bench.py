@@ -567,7 +567,8 @@ def given_read_model(system: LocalSystem) -> None:
     """Against a given system: query the orders its read database has (at least those just placed)."""
     with psycopg.connect(libpq_url(system.settings.query_database), autocommit=True) as conn:
         rows = conn.execute("SELECT order_id FROM order_summaries ORDER BY random() LIMIT 10000").fetchall()
-        system.extra["read_orders"] = str(conn.execute("SELECT count(*) FROM order_summaries").fetchone()[0])
+        (count,) = conn.execute("SELECT count(*) FROM order_summaries").fetchone() or (0,)
+        system.extra["read_orders"] = str(count)
     system.extra["big_query_addr"] = system.settings.query_addr
     system.order_ids = [row[0] for row in rows]
 
@@ -746,7 +747,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for kind in ("NoOpCall", "GetOrderSummary", "SearchOrders", "ListOrderSummaries"):
         for stat in ("per_second", "p50_ms", "p95_ms", "p99_ms"):
             figures[f"{kind}_{stat}"] = ["queries", kind, stat]
-    result = {name: pick(path) for name, path in figures.items()}
+    result: dict[str, Any] = {name: pick(path) for name, path in figures.items()}
     result["ListOrderSummaries_rows_per_s"] = pick(["queries", "ListOrderSummaries", "rows_per_second"])
     result["placeorder_vs_raw_sql"] = median([ratios(r)["placeorder_vs_raw_sql"] for r in runs])
     result["projected_vs_raw_consume"] = median([ratios(r)["projected_vs_raw_consume"] for r in runs])

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 import psycopg
@@ -101,14 +101,15 @@ def serving_or_raise(address: str, processes: dict[str, local_stack.ManagedProce
     return local_stack.grpc_serving(address)
 
 
-def eventually(probe: Callable[[], T | None], timeout: float = 5.0, what: str = "condition") -> T:
-    """Call probe until it returns a truthy value (returned), or fail after timeout seconds."""
+def eventually(probe: Callable[[], T | bool | None], timeout: float = 5.0, what: str = "condition") -> T:
+    """Call probe until it returns a truthy value (returned), or fail after timeout seconds. The probe
+    may answer `condition and value`: its False is never returned."""
     result: list[T] = []
 
     def check() -> bool:
         value = probe()
         if value:
-            result.append(value)
+            result.append(cast(T, value))  # not False: falsy
             return True
         return False
 

@@ -351,17 +351,17 @@ def test_hostile_requests_change_nothing_they_should_not(stack: Stack) -> None:
     raw_bytes()
 
     with grpc.insecure_channel(stack.settings.command_addr) as ch:  # a request over the 1 MB limit
-        with pytest.raises(grpc.RpcError) as huge:
+        with pytest.raises(grpc.RpcError) as too_big:
             ch.unary_unary("/orders.v1.CommandService/PlaceOrder")(b"\x0a" + b"\xff" * (2 * 1024 * 1024), timeout=10)
-        assert huge.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
     # The servers are still up, and the databases hold exactly what the accepted commands wrote.
     assert all(proc.alive() for proc in stack.processes.values())
     with psycopg.connect(libpq_url(stack.settings.write_database_url)) as conn:
-        stock = dict(
+        stock: dict[str, int] = dict(
             conn.execute("SELECT sku, stock FROM products WHERE sku = ANY(%s)", (list(model.stock),)).fetchall()
         )
-        statuses = dict(
+        statuses: dict[str, str] = dict(
             conn.execute(
                 "SELECT id::text, status FROM orders WHERE id = ANY(%s::uuid[])", (list(model.orders),)
             ).fetchall()

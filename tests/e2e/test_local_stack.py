@@ -134,8 +134,8 @@ def test_up_serves_a_second_terminal_stops_on_ctrl_c_and_keeps_data(tmp_path: Pa
 
     second = Up(tmp_path, env)
     try:
-        again = cli(tmp_path, "get-order", placed["order_id"])
-        assert again["summary"]["order_id"] == placed["order_id"]
+        found = cli(tmp_path, "get-order", placed["order_id"])
+        assert found["summary"]["order_id"] == placed["order_id"]
         products = cli(tmp_path, "list-products")["products"]
         assert [(p["sku"], p["stock"]) for p in products] == [("LAMP-1", "4")]
         cancelled = cli(tmp_path, "cancel-order", placed["order_id"], "--reason", "restart test")

@@ -176,7 +176,7 @@ def buf_curl(address: str, method: str, body: dict[str, object], *headers: str) 
 def test_buf_curl_places_an_order_and_reads_it_back_through_reflection_only(stack: Stack) -> None:
     commands, queries = stack.settings.command_addr, stack.settings.query_addr
     sku = new_sku("B")
-    product = {
+    product: dict[str, object] = {
         "requestId": new_id(),
         "sku": sku,
         "name": "buf curl",

@@ -50,7 +50,9 @@ def test_place_then_cancel_is_visible_through_queries(stack: Stack) -> None:
     assert placed.total == common_pb2.Money(currency_code="EUR", minor_units=2 * 1999 + 500)
     assert placed.consistency_token
 
-    seen = eventually(lambda: summary(stack, placed.order_id), timeout=2, what="order summary projected")
+    seen: queries_pb2.OrderSummary = eventually(
+        lambda: summary(stack, placed.order_id), timeout=2, what="order summary projected"
+    )
     assert seen.customer_id == customer
     assert seen.status == common_pb2.ORDER_STATUS_PLACED
     assert [(line.sku, line.name, line.quantity, line.unit_price.minor_units) for line in seen.lines] == [
@@ -66,7 +68,7 @@ def test_place_then_cancel_is_visible_through_queries(stack: Stack) -> None:
         timeout=5,
     )
     assert cancelled.version == 2
-    after = eventually(
+    after: queries_pb2.OrderSummary = eventually(
         lambda: (s := summary(stack, placed.order_id)) and s.status == common_pb2.ORDER_STATUS_CANCELLED and s,
         timeout=2,
         what="order cancelled in the read model",
@@ -85,7 +87,9 @@ def test_place_then_cancel_is_visible_through_queries(stack: Stack) -> None:
 def test_order_beyond_stock_is_refused_and_changes_nothing(stack: Stack) -> None:
     sku = new_sku()
     add_product(stack.commands, sku, price=100, stock=3)
-    before = eventually(lambda: (p := product_view(stack, sku)) and p.stock == 3 and p, timeout=2, what="stock 3")
+    before: queries_pb2.ProductView = eventually(
+        lambda: (p := product_view(stack, sku)) and p.stock == 3 and p, timeout=2, what="stock 3"
+    )
     customer = f"cust-{new_id()}"
 
     with pytest.raises(grpc.RpcError) as refused:
@@ -104,7 +108,9 @@ def test_order_beyond_stock_is_refused_and_changes_nothing(stack: Stack) -> None
     stack.commands.UpdateInventory(
         commands_pb2.UpdateInventoryRequest(request_id=new_id(), sku=sku, delta=1), timeout=5
     )
-    after = eventually(lambda: (p := product_view(stack, sku)) and p.stock == 4 and p, timeout=2, what="stock 4")
+    after: queries_pb2.ProductView = eventually(
+        lambda: (p := product_view(stack, sku)) and p.stock == 4 and p, timeout=2, what="stock 4"
+    )
     assert after.version == before.version + 1
     listed = list(
         stack.queries.ListOrderSummaries(

@@ -27,7 +27,7 @@ FAR_FUTURE = timestamp_pb2.Timestamp(seconds=10**12)
         (
             "SearchOrders",
             queries_pb2.SearchOrdersRequest(
-                filter=queries_pb2.OrderFilter(customer_id="c" * 129, placed_before=FAR_FUTURE, status=99)
+                filter=queries_pb2.OrderFilter(customer_id="c" * 129, placed_before=FAR_FUTURE, status=99)  # type: ignore[arg-type]  # no such status
             ),
             {"filter.customer_id", "filter.placed_before", "filter.status"},
         ),

@@ -79,7 +79,7 @@ def test_stream_leader_sigkilled_in_a_three_node_cluster(infra: Infra, tmp_path:
             down_at = time.monotonic()
             new_leader = eventually(lambda: (s := stream_leader(settings)) != leader and s, 30, "a new stream leader")
             time.sleep(max(0.0, down_at + DOWN_SECONDS - time.monotonic()))  # the rest of the node's downtime
-            system.adopt(leader, victim.restart())
+            system.adopt(leader, victim.restart().process)
             fault_end = time.monotonic()
             load.stop()  # the gap chains left by the failover drain faster without new events behind them
         eventually(lambda: replicas_current(settings), 60, "the restarted node caught up")

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from orders import local_stack
+from orders.config import Settings
 from orders.v1 import queries_pb2, queries_pb2_grpc
 from tests.fault import harness
 from tests.support import Infra, eventually, isolated_settings
@@ -20,11 +22,11 @@ from tests.support import Infra, eventually, isolated_settings
 pytestmark = pytest.mark.fault
 
 
-def lag(settings: object) -> dict[str, object]:
+def lag(settings: Settings) -> dict[str, Any]:
     """`orders lag --json`, the real CLI."""
     done = subprocess.run(
         [sys.executable, "-m", "orders.cli", "lag", "--json"],
-        env={**os.environ, **settings.to_env()},  # type: ignore[attr-defined]
+        env={**os.environ, **settings.to_env()},
         capture_output=True,
         text=True,
         timeout=30,

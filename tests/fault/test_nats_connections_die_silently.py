@@ -70,4 +70,4 @@ def test_a_silently_dead_nats_connection_is_noticed_and_replaced_within_seconds(
             assert set(unhealthy.values()) == {"NOT_SERVING"}, unhealthy
             eventually(lambda: harness.outbox_backlog(settings) == 0, 30, "outbox backlog drained")
             for address, service in ((settings.command_addr, "relay"), (settings.admin_addr, "")):
-                eventually(lambda a=address, s=service: harness.health(a, s) == "SERVING", 30, f"{service} SERVING")
+                eventually(lambda: harness.health(address, service) == "SERVING", 30, service)  # noqa: B023

@@ -29,7 +29,7 @@ def test_commands_succeed_while_nats_is_down_and_the_backlog_drains(
             time.sleep(OUTAGE_SECONDS)  # the outage: load keeps running
             relay_health = harness.health(settings.command_addr, "relay")
             backlog = harness.outbox_backlog(settings)
-            system.adopt("nats", own_nats.restart())
+            system.adopt("nats", own_nats.restart().process)
             during_outage = load.count() - down_from
             fault_end = time.monotonic()
             caught_up = harness.caught_up_after(settings, fault_end)

@@ -34,7 +34,7 @@ def test_projector_sigkilled_five_times_during_load(
             for kill in range(KILLS):  # at commands 200, 400, ... 1,000 of 2,000, however slow the machine
                 harness.wait_for_count(load, 200 * (kill + 1))
                 before = applied_versions(system)
-                eventually(lambda b=before: applied_versions(system) > b, 30, "the projector applying events")
+                eventually(lambda: applied_versions(system) > before, 30, "the projector applying events")  # noqa: B023
                 victim = system.processes["projector"]
                 system.restart_killed("projector")
                 exit_codes.append(victim.proc.returncode)

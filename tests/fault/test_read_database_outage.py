@@ -31,9 +31,7 @@ def test_read_database_stopped_for_five_seconds(infra: Infra, own_nats: local_st
             pg.stop()
             down_at = time.monotonic()
             for address in (settings.admin_addr, settings.query_addr):
-                eventually(
-                    lambda a=address: harness.health(a) == "NOT_SERVING", OUTAGE_SECONDS, f"{address} NOT_SERVING"
-                )
+                eventually(lambda: harness.health(address) == "NOT_SERVING", OUTAGE_SECONDS, address)  # noqa: B023
             during = load.count()
             time.sleep(max(0.0, down_at + OUTAGE_SECONDS - time.monotonic()))  # the rest of the outage
             during = load.count() - during
@@ -42,7 +40,7 @@ def test_read_database_stopped_for_five_seconds(infra: Infra, own_nats: local_st
             fault_end = time.monotonic()
             caught_up = harness.caught_up_after(settings, fault_end)
             for address in (settings.admin_addr, settings.query_addr):
-                eventually(lambda a=address: harness.health(a) == "SERVING", 30, f"{address} SERVING again")
+                eventually(lambda: harness.health(address) == "SERVING", 30, f"{address} SERVING again")  # noqa: B023
             harness.wait_for_commands(load, 100)
         harness.finish("read PostgreSQL down 5 s", system, client, caught_up, started)
 

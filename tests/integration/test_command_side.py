@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import psycopg
@@ -476,7 +476,9 @@ def test_cancels_inventory_updates_and_upserts_racing_orders_keep_every_count(st
     assert codes[("upsert", grpc.StatusCode.OK)] == 10
     assert sorted(v for kind, _, code, v in results if kind == "upsert") == list(range(1, 11))
     for sku in skus:
-        ordered = sum(1 for kind, t, code, _ in results if kind == "order" and code == grpc.StatusCode.OK and sku in t)  # type: ignore[operator]
+        ordered = sum(
+            1 for kind, t, code, _ in results if kind == "order" and code == grpc.StatusCode.OK and sku in cast(list, t)
+        )
         restocked = sum(
             1 for kind, t, code, _ in results if kind == "inventory" and code == grpc.StatusCode.OK and t == sku
         )

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import pytest
+from nats.aio.msg import Msg
 
 from orders import jetstream, local_stack
 from projector.consumer import Projector
@@ -24,7 +25,7 @@ def test_every_way_nats_py_reports_an_empty_fetch_counts_as_empty(
     paused half a second each time. Short fetch timeouts make both happen here; none may be a failure."""
     settings = isolated_settings(infra, nats_url=own_nats.url)
 
-    async def scenario() -> tuple[set[str], list[list[object]]]:
+    async def scenario() -> tuple[set[str], list[list[Msg]]]:
         await publish_events(settings, [])  # the stream, empty
         nc = await jetstream.connect(settings.nats_url, "fetch-test", retry_forever=False)
         try:

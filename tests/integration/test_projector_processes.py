@@ -163,7 +163,7 @@ def test_sigkilled_projector_leaves_read_model_equal_to_write_model(
         try:
             for _ in range(4):  # SIGKILL mid-load, once the projector has applied something since its start
                 base = applied_rows(settings)
-                eventually(lambda b=base: applied_rows(settings) > b + 20, 30, "projector making progress")
+                eventually(lambda: applied_rows(settings) > base + 20, 30, "projector making progress")  # noqa: B023
                 projector.kill()
                 kills += 1
                 projector = start_projector(settings, tmp_path / "p")

@@ -149,7 +149,7 @@ def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() ->
     [
         ["ruff", "check", "."],
         ["ruff", "format", "--check", "."],
-        ["mypy", "orders", "command_service", "query_service", "projector"],
+        ["mypy", "orders", "command_service", "query_service", "projector", "tests", "scripts"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],
 )
