@@ -210,10 +210,13 @@ _PRODUCTS = _Projection(
 PROJECTIONS = {p.kind: p for p in (_ORDERS, _PRODUCTS)}
 
 
-def _fold_aggregate(proj: _Projection, current: Row | None, items: list[Item], trail: list[Row]) -> Row | None:
-    """Fold items (one aggregate) onto current in version order; set each item's outcome.
+def fold_aggregate(proj: _Projection, current: Row | None, items: list[Item], trail: list[Row]) -> Row | None:
+    """Fold items (one aggregate's events, in any order) onto its current row (None: none yet) in version
+    order, and set each item's outcome: a version at or below the row's is a DUPLICATE, the next one is
+    APPLIED, anything beyond it is a GAP (with the version it waits after). Pure: no I/O.
 
-    Every state the row passes through is appended to trail (the change log's rows).
+    Returns the row after the last applied event; every state the row passes through is appended to
+    trail (the change log's rows).
     """
     row = current
     version = 0 if current is None else current["version"]
@@ -362,7 +365,7 @@ async def plan(items: list[Item], reads: list[Any], tables: Tables = LIVE) -> Pl
                 continue
             before = current.get(key)
             states: list[Row] = []
-            after = _fold_aggregate(proj, before, grouped[(kind, key)], states)
+            after = fold_aggregate(proj, before, grouped[(kind, key)], states)
             if after is None or (before is not None and after["version"] == before["version"]):
                 continue
             if before is None:

@@ -21,6 +21,18 @@ from orders import local_stack
 from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
 from tests.support import Infra, Stack, isolated_settings, migrate
 
+TESTS = Path(__file__).parent
+LAYERS = ("unit", "integration", "e2e", "fault")  # the folders under tests/, each a marker of its own
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its folder's layer, so that `-m unit` (or integration, e2e, fault) selects
+    by what a test needs: nothing, real servers, the running system, or a system it breaks."""
+    for item in items:
+        layer = item.path.relative_to(TESTS).parts[0]
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
+
 
 def _embedded(tmp: Path) -> Iterator[Infra]:
     pg = local_stack.start_postgres(tmp / "postgres", durable=False)

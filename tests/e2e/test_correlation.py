@@ -13,8 +13,6 @@ import pytest
 from orders.v1 import commands_pb2
 from tests.support import Stack, add_product, bad_fields, eventually, new_id, new_sku
 
-pytestmark = pytest.mark.e2e
-
 
 def json_lines(path: Path) -> list[dict[str, Any]]:
     """The log's JSON lines (every line a service writes is one JSON object)."""

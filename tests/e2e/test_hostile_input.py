@@ -26,8 +26,6 @@ from orders.db import libpq_url
 from orders.v1 import commands_pb2, common_pb2, queries_pb2
 from tests.support import Stack, add_product, eventually, new_sku
 
-pytestmark = pytest.mark.e2e
-
 NASTY = [
     "",
     " ",

@@ -15,8 +15,6 @@ import pytest
 from orders import local_stack, workers
 from tests.support import Stack, add_product, children, eventually, live_processes, new_id, new_sku, place
 
-pytestmark = pytest.mark.e2e
-
 
 class Up:
     """One `orders up` process, started in a directory of its own (data in its default .orders-data there)."""

@@ -16,9 +16,6 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from orders.v1 import queries_pb2
 from tests.support import Stack, add_product, eventually, new_id, new_sku, place, scrape_metrics
 
-pytestmark = pytest.mark.e2e
-
-
 SERVERS = [
     (lambda s: s.settings.command_addr, "orders.v1.CommandService", "relay"),
     (lambda s: s.settings.query_addr, "orders.v1.QueryService", "projection"),

@@ -15,8 +15,6 @@ from orders.db import libpq_url
 from orders.v1 import commands_pb2, common_pb2, queries_pb2
 from tests.support import Stack, add_product, bad_fields, eventually, new_id, new_sku, place
 
-pytestmark = pytest.mark.e2e
-
 
 def product_view(stack: Stack, sku: str) -> queries_pb2.ProductView | None:
     reply = stack.queries.ListProducts(queries_pb2.ListProductsRequest(page_size=1000), timeout=5)

@@ -12,8 +12,6 @@ from google.rpc import status_pb2
 
 from tests.support import Stack, add_product, new_id, new_sku
 
-pytestmark = pytest.mark.e2e
-
 CLIENT = Path(__file__).resolve().parents[1] / "polyglot"
 PROTOS = Path(__file__).resolve().parents[2] / "protos"
 # google/rpc/status.proto and error_details.proto, as PyPI's googleapis-common-protos (a dependency of

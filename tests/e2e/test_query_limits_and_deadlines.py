@@ -13,8 +13,6 @@ from orders.db import libpq_url
 from orders.v1 import commands_pb2, queries_pb2
 from tests.support import Stack, add_product, bad_fields, eventually, new_id, new_sku, place
 
-pytestmark = pytest.mark.e2e
-
 FAR_FUTURE = timestamp_pb2.Timestamp(seconds=10**12)
 
 

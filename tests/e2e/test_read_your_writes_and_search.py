@@ -11,8 +11,6 @@ import pytest
 from orders.v1 import queries_pb2
 from tests.support import Stack, add_product, new_sku, place
 
-pytestmark = pytest.mark.e2e
-
 
 def test_two_hundred_reads_right_after_writes_never_miss(stack: Stack) -> None:
     sku = new_sku("Y")

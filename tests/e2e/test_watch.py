@@ -30,8 +30,6 @@ from tests.support import (
     stays,
 )
 
-pytestmark = pytest.mark.e2e
-
 
 class Watcher:
     """A watch stream read by a background thread into a queue."""

@@ -10,14 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import nats.errors
-import pytest
 
 from orders import local_stack
 from orders.config import Settings
 from tests.fault import harness
 from tests.support import Infra, eventually, isolated_settings
-
-pytestmark = pytest.mark.fault
 
 DOWN_SECONDS = 5.0
 

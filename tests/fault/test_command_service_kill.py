@@ -6,13 +6,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from orders import local_stack
 from tests.fault import harness
 from tests.support import Infra, isolated_settings
-
-pytestmark = pytest.mark.fault
 
 KILLS = 2
 

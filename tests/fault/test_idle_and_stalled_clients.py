@@ -10,14 +10,11 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 
 from orders import local_stack
 from orders.v1 import queries_pb2, queries_pb2_grpc
 from tests.fault import harness
 from tests.support import Infra, eventually, isolated_settings, scrape_metrics
-
-pytestmark = pytest.mark.fault
 
 IDLE_CONNECTIONS = 3000
 STALLED_WATCHES = 200

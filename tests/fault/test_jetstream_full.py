@@ -19,8 +19,6 @@ from orders.v1 import queries_pb2, queries_pb2_grpc
 from tests.fault import harness
 from tests.support import Infra, eventually, isolated_settings
 
-pytestmark = pytest.mark.fault
-
 
 def lag(settings: Settings) -> dict[str, Any]:
     """`orders lag --json`, the real CLI."""

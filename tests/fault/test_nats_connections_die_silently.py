@@ -13,8 +13,6 @@ from tests.fault import harness
 from tests.fault.proxy import proxy_to
 from tests.support import Infra, eventually, isolated_settings
 
-pytestmark = pytest.mark.fault
-
 LOAD_RATE = 20.0  # commands per second per load worker (4 workers): the backlog a fault leaves behind,
 # and so the time to catch up after it, must not grow with the speed of the machine or of the pipeline
 

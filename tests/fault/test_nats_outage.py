@@ -5,13 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pytest
-
 from orders import local_stack
 from tests.fault import harness
 from tests.support import Infra, eventually, isolated_settings
-
-pytestmark = pytest.mark.fault
 
 OUTAGE_SECONDS = 5.0
 

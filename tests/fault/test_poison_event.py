@@ -18,7 +18,6 @@ import uuid
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from orders import jetstream, local_stack
 from orders.config import Settings
@@ -26,8 +25,6 @@ from orders.db import libpq_url
 from orders.events import HEADER_CORRELATION_ID, HEADER_EVENT_TYPE, HEADER_MSG_ID, ORDER, subject_for
 from tests.fault import harness
 from tests.support import Infra, eventually, isolated_settings
-
-pytestmark = pytest.mark.fault
 
 POISON = b"\x0a\xff\xff not an EventEnvelope"
 

@@ -6,13 +6,9 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
-
 from orders import local_stack
 from tests.fault import harness
 from tests.support import Infra, isolated_settings
-
-pytestmark = pytest.mark.fault
 
 STALL_SECONDS = 20.0
 

@@ -14,8 +14,6 @@ from orders import local_stack
 from tests.fault import harness
 from tests.support import Infra, isolated_settings
 
-pytestmark = pytest.mark.fault
-
 FLOOD = 100_000
 WARM_UP = 2_000  # flood calls before the baseline is taken: one-time allocations of the refusal path
 IN_FLIGHT = 64

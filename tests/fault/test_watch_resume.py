@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import psycopg
-import pytest
 
 from orders import local_stack
 from orders.config import Settings
@@ -19,8 +18,6 @@ from orders.db import libpq_url
 from orders.v1 import queries_pb2, queries_pb2_grpc
 from tests.fault import harness
 from tests.support import Infra, eventually, isolated_settings
-
-pytestmark = pytest.mark.fault
 
 WATCHERS = 100
 CHANNELS = 4  # 25 streams per connection, under ORDERS_MAX_WATCHES_PER_CONNECTION

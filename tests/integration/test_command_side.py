@@ -33,8 +33,6 @@ from tests.support import (
     start_serving,
 )
 
-pytestmark = pytest.mark.e2e
-
 
 def order_request(customer: str, *lines: tuple[str, int]) -> commands_pb2.PlaceOrderRequest:
     return commands_pb2.PlaceOrderRequest(

@@ -29,8 +29,6 @@ from tests.support import (
     stays,
 )
 
-pytestmark = pytest.mark.e2e
-
 
 @dataclass
 class ProjectorUnderTest:

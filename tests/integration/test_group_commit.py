@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 import psycopg
-import pytest
 
 from command_service.handlers import request_hash
 from orders import local_stack
@@ -35,8 +34,6 @@ from tests.support import (
     scrape_metrics,
     unpublished,
 )
-
-pytestmark = pytest.mark.e2e
 
 
 def order(customer: str, *lines: tuple[str, int], request_id: str | None = None) -> commands_pb2.PlaceOrderRequest:

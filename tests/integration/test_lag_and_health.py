@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orders import local_stack
@@ -26,8 +25,6 @@ from tests.support import (
     scrape_metrics,
     start_serving,
 )
-
-pytestmark = pytest.mark.e2e
 
 
 def lag(settings: Settings) -> dict:  # type: ignore[type-arg]

@@ -7,7 +7,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from command_service.outbox import RELAY_LOCK_KEY, backlog_of
 from orders import jetstream, local_stack
@@ -26,8 +25,6 @@ from tests.support import (
     stream_events,
     unpublished,
 )
-
-pytestmark = pytest.mark.e2e
 
 
 async def delete_stream(settings: Settings) -> None:

@@ -13,8 +13,6 @@ from orders.events import parse_event
 from projector.projections import Item, Outcome, apply_events, concurrent_write, execute_writes, plan, queue_reads
 from tests.support import Stack, product_event
 
-pytestmark = pytest.mark.e2e
-
 
 def items(*events: tuple[int, bytes]) -> list[Item]:
     return [Item(seq, parse_event(payload)) for seq, payload in events]

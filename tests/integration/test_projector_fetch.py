@@ -12,8 +12,6 @@ from orders import jetstream, local_stack
 from projector.consumer import Projector
 from tests.support import Infra, isolated_settings, publish_events
 
-pytestmark = pytest.mark.e2e
-
 TIMEOUTS = [0.0002 + step * 0.0001 for step in range(40)]  # around one loopback round trip, and beyond
 
 

@@ -6,14 +6,11 @@ import asyncio
 import uuid
 
 import psycopg
-import pytest
 
 from orders import jetstream
 from orders.db import libpq_url
 from orders.events import OutgoingEvent
 from tests.support import Stack, eventually, product_event
-
-pytestmark = pytest.mark.e2e
 
 
 async def publish(stack: Stack, items: list[tuple[OutgoingEvent | tuple[str, bytes], str]]) -> list[bool]:

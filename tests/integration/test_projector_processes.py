@@ -15,7 +15,6 @@ from pathlib import Path
 
 import grpc
 import psycopg
-import pytest
 
 from orders import jetstream, local_stack
 from orders.config import Settings
@@ -32,8 +31,6 @@ from tests.support import (
     start_serving,
     synthetic_history,
 )
-
-pytestmark = pytest.mark.e2e
 
 
 def start_projector(settings: Settings, log_dir: Path) -> local_stack.ManagedProcess:

@@ -23,8 +23,6 @@ from orders.db import libpq_url
 from orders.v1 import common_pb2, queries_pb2, queries_pb2_grpc
 from tests.support import Infra, eventually, isolated_settings, migrate, start_serving, synthetic_read_model_sql
 
-pytestmark = pytest.mark.e2e
-
 ORDERS = 100_000
 LOAD = synthetic_read_model_sql(ORDERS)
 

@@ -29,8 +29,6 @@ from tests.support import (
     synthetic_history,
 )
 
-pytestmark = pytest.mark.e2e
-
 
 def test_rebuild_of_20000_events_without_query_downtime(
     infra: Infra,

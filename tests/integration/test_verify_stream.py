@@ -5,13 +5,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-import pytest
-
 from orders import jetstream, local_stack
 from orders.config import Settings
 from tests.support import Infra, isolated_settings, migrate, publish_events, synthetic_history, verify_cli
-
-pytestmark = pytest.mark.e2e
 
 
 def publish_raw(settings: Settings, subject: str, payload: bytes) -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import psycopg
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orders import local_stack, security
@@ -29,8 +28,6 @@ from tests.support import (
     scrape_metrics,
     start_serving,
 )
-
-pytestmark = pytest.mark.e2e
 
 
 def by_worker(metrics_addr: str, sample_prefix: str, label: str = "") -> dict[str, float]:
