@@ -1,6 +1,6 @@
 """The benchmark: every figure next to the raw building block doing the same work, in the same run.
 
-Usage: .venv/bin/python scripts/bench.py [--concurrency 16] [--seconds 20] [--runs 3] [--backlog 100000]
+Usage: .venv/bin/python -m scripts.bench [--concurrency 16] [--seconds 20] [--runs 3] [--backlog 100000]
                                          [--read-orders 100000] [--out bench-results] [--given]
 
 Starts its own local system (embedded PostgreSQL with fsync on, nats-server with fsync before every ack,
@@ -44,8 +44,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench_common import (
-    ROOT,
+import grpc
+import psycopg
+from nats.aio.client import Client as NATS
+
+from orders import jetstream, local_stack, security
+from orders.config import Settings
+from orders.db import ensure_database, libpq_url
+from orders.events import PRODUCT, EventContext, build_event
+from orders.migrations import WRITE, upgrade
+from orders.v1 import (
+    commands_pb2,
+    commands_pb2_grpc,
+    common_pb2,
+    events_pb2,
+    queries_pb2,
+    queries_pb2_grpc,
+)
+from projector import lag
+from scripts.bench_common import (
     LocalSystem,
     collect_results,
     cpu_by_component,
@@ -58,27 +75,7 @@ from bench_common import (
     seed_products,
     with_children,
 )
-
-sys.path.insert(0, str(ROOT))
-import grpc  # noqa: E402
-import psycopg  # noqa: E402
-from nats.aio.client import Client as NATS  # noqa: E402
-
-from orders import jetstream, local_stack, security  # noqa: E402
-from orders.config import Settings  # noqa: E402
-from orders.db import ensure_database, libpq_url  # noqa: E402
-from orders.events import PRODUCT, EventContext, build_event  # noqa: E402
-from orders.migrations import WRITE, upgrade  # noqa: E402
-from orders.v1 import (  # noqa: E402
-    commands_pb2,
-    commands_pb2_grpc,
-    common_pb2,
-    events_pb2,
-    queries_pb2,
-    queries_pb2_grpc,
-)
-from projector import lag  # noqa: E402
-from tests.support import (  # noqa: E402
+from tests.support import (
     publish_events,
     scrape_metrics,
     synthetic_history,

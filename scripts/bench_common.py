@@ -9,20 +9,17 @@ import platform
 import queue
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from orders import local_stack
+from orders.config import Settings
+from tests.support import add_product, children, migrate, start_serving
 
-from orders import local_stack  # noqa: E402
-from orders.config import Settings  # noqa: E402
-from tests.support import add_product, children, migrate, start_serving  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Projector throughput: drain a backlog of synthetic events with several batch sizes.
 
-Usage: .venv/bin/python scripts/bench_projector.py [--events 100000] [--batches 1,64,256] [--runs 1]
+Usage: .venv/bin/python -m scripts.bench_projector [--events 100000] [--batches 1,64,256] [--runs 1]
 
 Starts its own PostgreSQL and NATS (embedded wheels, durable settings as `orders up` uses), publishes a
 consistent synthetic history once, then for each batch size runs a projector process on a fresh read
@@ -21,13 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from orders import jetstream, local_stack  # noqa: E402
-from orders.config import Settings  # noqa: E402
-from projector import lag  # noqa: E402
-from tests.support import migrate, publish_events, synthetic_history  # noqa: E402
+from orders import jetstream, local_stack
+from orders.config import Settings
+from projector import lag
+from tests.support import migrate, publish_events, synthetic_history
 
 
 async def lag_events(settings: Settings) -> int:

@@ -1,6 +1,6 @@
 """Watch fan-out latency: many concurrent WatchOrderSummaries streams while orders are placed and cancelled.
 
-Usage: .venv/bin/python scripts/bench_watch.py [--watchers 500] [--rate 40] [--seconds 30] [--runs 3]
+Usage: .venv/bin/python -m scripts.bench_watch [--watchers 500] [--rate 40] [--seconds 30] [--runs 3]
 
 Starts its own local system (embedded PostgreSQL and NATS, durable settings, the three services), then
 per run: opens --watchers streams (one customer each) from two client processes over 10 connections
@@ -30,8 +30,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench_common import (
-    ROOT,
+import grpc
+import psycopg
+
+from orders.db import libpq_url
+from orders.read_model import CHANGES_CHANNEL
+from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
+from scripts.bench_common import (
     LocalSystem,
     collect_results,
     local_system,
@@ -40,15 +45,7 @@ from bench_common import (
     percentile,
     seed_products,
 )
-
-sys.path.insert(0, str(ROOT))
-import grpc  # noqa: E402
-import psycopg  # noqa: E402
-
-from orders.db import libpq_url  # noqa: E402
-from orders.read_model import CHANGES_CHANNEL  # noqa: E402
-from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc  # noqa: E402
-from tests.support import scrape_metrics  # noqa: E402
+from tests.support import scrape_metrics
 
 CONNECTIONS_PER_PROCESS = 10
 Delivery = tuple[int, str, int, float]  # stream sequence, order id, version, received at

@@ -1,7 +1,7 @@
 """Generate the Python code (messages, gRPC stubs, .pyi) for protos/ into orders/v1/.
 
-Usage: python scripts/gen_protos.py           # write orders/v1/*_pb2*.py(i)
-       python scripts/gen_protos.py --check   # exit 1 when orders/v1 differs from what would be made
+Usage: python -m scripts.gen_protos           # write orders/v1/*_pb2*.py(i)
+       python -m scripts.gen_protos --check   # exit 1 when orders/v1 differs from what would be made
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def check() -> int:
             and _normalised(fresh[name]) != _normalised(committed[name])
         ]
     if stale:
-        print("generated code is out of date, run: python scripts/gen_protos.py", file=sys.stderr)
+        print("generated code is out of date, run: python -m scripts.gen_protos", file=sys.stderr)
         for name in stale:
             print(f"  {PACKAGE_DIR / name}", file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """Write a new Alembic revision for one database from the difference between the models and the schema.
 
-Usage: .venv/bin/python scripts/new_migration.py write|read "what changed"
+Usage: .venv/bin/python -m scripts.new_migration write|read "what changed"
 
 Starts a throwaway PostgreSQL, migrates a database to the current head, and lets Alembic's autogenerate
 compare it with the SQLAlchemy tables (command_service/schema.py or orders/read_model.py). Review the
@@ -14,12 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from alembic import command
 
-from alembic import command  # noqa: E402
-
-from orders import local_stack, migrations  # noqa: E402
-from orders.db import ensure_database  # noqa: E402
+from orders import local_stack, migrations
+from orders.db import ensure_database
 
 
 def main() -> None:

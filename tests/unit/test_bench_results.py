@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from bench_common import collect_results  # noqa: E402
+from scripts.bench_common import collect_results
 
 BIG = 4 * 1024 * 1024  # far beyond a pipe's buffer (64 KiB on Linux)
 
