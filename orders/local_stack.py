@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import random
 import shutil
@@ -391,39 +390,6 @@ def _nats_config(
         # lost on an OS crash. Sync every write before acking instead.
         "  sync_interval: always\n" + jetstream_config + "}\n" + extra_config
     )
-
-
-def cluster_config(name: str, listen_port: int, route_ports: list[int]) -> str:
-    """The nats-server `cluster` block of one node: its route listener and the routes to every node."""
-    routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in route_ports)
-    return f"cluster {{\n  name: {name}\n  listen: 127.0.0.1:{listen_port}\n  routes: [{routes}]\n}}\n"
-
-
-def start_nats_cluster(base_dir: Path, size: int = 3, name: str = "orders") -> list[LocalNats]:
-    """Run `size` clustered nats-server nodes with JetStream on loopback (stores in base_dir/n<i>),
-    and wait until JetStream has elected a meta leader, so streams with replicas can be created."""
-    route_ports = [free_port() for _ in range(size)]
-    nodes: list[LocalNats] = []
-    try:
-        for i, listen_port in enumerate(route_ports):
-            config = cluster_config(name, listen_port, route_ports)
-            nodes.append(start_nats(base_dir / f"n{i}", extra_config=config, server_name=f"{name}_n{i}"))
-        wait_until(lambda: all(jetstream_meta_leader(n) for n in nodes), 60, "a JetStream meta leader")
-    except BaseException:
-        for node in nodes:
-            node.stop()
-        raise
-    return nodes
-
-
-def jetstream_meta_leader(nats: LocalNats) -> str | None:
-    """The server name of the JetStream meta leader as `nats` sees it (None when unknown)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{nats.monitor_port}/jsz", timeout=1) as r:
-            leader = json.load(r).get("meta_cluster", {}).get("leader")
-    except OSError:
-        return None
-    return str(leader) if leader else None
 
 
 def _nats_healthy(nats: LocalNats) -> bool:

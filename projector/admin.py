@@ -10,6 +10,7 @@ import grpc
 from nats.aio.client import Client as NATS
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from orders import verification
 from orders.config import Settings
 from orders.conversions import timestamp
 from orders.db import driver_transaction
@@ -17,7 +18,7 @@ from orders.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from orders.events import UndecodableEvent, parse_event
 from orders.grpc_server import rpc
 from orders.v1 import admin_pb2, admin_pb2_grpc
-from projector import dead_letters, lag, rebuild, verify
+from projector import dead_letters, lag, rebuild
 from projector.consumer import Projector, signal_changes
 
 _STATUS = {
@@ -160,7 +161,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def VerifyReadModel(
         self, request: admin_pb2.VerifyReadModelRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.VerifyReadModelResponse:
-        report = await verify.verify(self._settings.write_database_url, self._settings.read_database_url)
+        report = await verification.verify(self._settings.write_database_url, self._settings.read_database_url)
         return admin_pb2.VerifyReadModelResponse(
             orders_checked=report.orders_checked,
             products_checked=report.products_checked,

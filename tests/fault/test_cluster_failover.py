@@ -11,9 +11,8 @@ from typing import Any
 
 import nats.errors
 
-from orders import local_stack
 from orders.config import Settings
-from tests.fault import harness
+from tests.fault import cluster, harness
 from tests.support import Infra, eventually, isolated_settings
 
 DOWN_SECONDS = 5.0
@@ -42,7 +41,7 @@ def replicas_current(settings: Settings) -> bool:
 
 def test_stream_leader_sigkilled_in_a_three_node_cluster(infra: Infra, tmp_path: Path) -> None:
     started = time.monotonic()
-    nodes = {n.server_name: n for n in local_stack.start_nats_cluster(tmp_path / "nats")}
+    nodes = {n.server_name: n for n in cluster.start_nats_cluster(tmp_path / "nats")}
     # Events the dying consumer leader had delivered come back only after ack_wait; later events of the
     # same (hot) products wait for them as gaps (never dead-lettered: their predecessors are in the
     # stream), and such a chain resolves one version per redelivery. With the defaults (ack_wait 30 s,

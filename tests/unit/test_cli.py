@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import timestamp_pb2
 
-from orders import cli
+from orders.cli import printing
 from orders.v1 import admin_pb2
 
 
@@ -101,7 +101,7 @@ def check_settings(tmp_path: Path, data_dir: Path, up_pid: int) -> None:
 def printed(capsys: pytest.CaptureFixture[str], *messages: object) -> list[str]:
     args = argparse.Namespace(json=False)
     for message in messages:
-        cli._output(args, message)
+        printing.output(args, message)
     return capsys.readouterr().out.splitlines()
 
 

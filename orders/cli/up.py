@@ -1,0 +1,113 @@
+"""`orders up`: PostgreSQL, NATS and the three services on this machine, supervised until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import functools
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from orders import endpoints, local_stack, migrations
+from orders.config import Settings
+from orders.workers import available_cores
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    """Start PostgreSQL, NATS and the three services; stop everything on Ctrl-C or SIGTERM."""
+    data_dir = Path(args.data_dir or settings.data_dir)
+    already = endpoints.running(data_dir)
+    if already is not None:
+        print(
+            f"orders up already runs in {data_dir.resolve()} ({already.describe()}): use it, stop it (Ctrl-C in its "
+            "terminal, or kill that pid), or give another --data-dir",
+            file=sys.stderr,
+        )
+        return 1
+    started: list[local_stack.ManagedProcess] = []
+    infra: list[Any] = []
+    stopping = False
+
+    def request_stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        if args.external:
+            print(f"using PostgreSQL {settings.write_database_url} / {settings.read_database_url}")
+            print(f"using NATS {settings.nats_url}")
+        else:
+            print(f"starting PostgreSQL and NATS (data in {data_dir.resolve()}) …", flush=True)
+            pg = local_stack.start_postgres(data_dir / "postgres")
+            infra.append(pg)
+            nats = local_stack.start_nats(data_dir / "nats")
+            infra.append(nats)
+            settings = dataclasses.replace(
+                settings,
+                write_database_url=pg.url("orders_write"),
+                read_database_url=pg.url("orders_read"),
+                nats_url=nats.url,
+            )
+            print(f"PostgreSQL  {pg.url('')}  (pid {pg.process.pid})")
+            print(f"NATS        {nats.url}  (pid {nats.process.pid}, JetStream)")
+        if settings.auth == "on" and not (settings.auth_tokens or settings.auth_tokens_file):
+            settings = dataclasses.replace(settings, auth="off")
+            print("authentication off: a local stack (set ORDERS_AUTH_TOKENS_FILE to require tokens)")
+        if args.workers is not None:
+            if args.workers < 0:
+                print("orders up: --workers must be 0 (one per core) or more", file=sys.stderr)
+                return 2
+            settings = dataclasses.replace(settings, workers=args.workers)
+        asyncio.run(migrations.migrate(settings))
+        env = settings.to_env()
+        for module in local_stack.SERVICES:
+            started.append(local_stack.start_service(module, env, data_dir / "logs"))
+        for address in (settings.command_addr, settings.query_addr, settings.admin_addr):
+            serving = functools.partial(_serving_or_dead, address, started)
+            local_stack.wait_until(serving, 60, f"gRPC health SERVING on {address}")
+
+        workers = settings.workers or available_cores()
+        each = f"  ({workers} worker processes)" if workers > 1 else ""
+        print(f"CommandService  {settings.command_addr}{each}")
+        print(f"QueryService    {settings.query_addr}{each}")
+        print(f"AdminService    {settings.admin_addr}")
+        metrics = (settings.command_metrics_addr, settings.query_metrics_addr, settings.projector_metrics_addr)
+        print("metrics         " + "  ".join(f"http://{a}/metrics" for a in metrics))
+        written = endpoints.write(data_dir, settings)
+        print(f"logs in {(data_dir / 'logs').resolve()}; endpoints in {written.resolve()}", flush=True)
+        print("Ctrl-C stops everything", flush=True)
+        while not stopping:
+            dead = [p for p in started if not p.alive()]
+            if dead:
+                print(f"{dead[0].name} exited (code {dead[0].proc.returncode}); stopping:\n{dead[0].log_tail()}")
+                return 1
+            time.sleep(0.5)
+        return 0
+    except (TimeoutError, RuntimeError, OSError) as exc:
+        print(f"orders up failed: {exc}", file=sys.stderr)
+        for proc in started:
+            print(f"--- {proc.name} log ---\n{proc.log_tail()}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        endpoints.remove(data_dir)
+        print("stopping …", flush=True)
+        for proc in reversed(started):
+            proc.stop()
+        for server in reversed(infra):
+            server.stop()
+        print("stopped")
+
+
+def _serving_or_dead(address: str, processes: Iterable[Any]) -> bool:
+    for proc in processes:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited during start-up:\n{proc.log_tail()}")
+    return local_stack.grpc_serving(address)
