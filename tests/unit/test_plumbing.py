@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from orders import consistency
+from orders.backoff import Backoff
 from orders.config import ConfigError, Settings
 from orders.events import EventContext, UndecodableEvent, build_event, parse_event
 from orders.v1 import events_pb2
@@ -145,3 +146,10 @@ def test_a_throttle_lets_one_through_per_interval_and_counts_the_rest() -> None:
     now[0] += 10.0
     assert throttle.allow() == 5
     assert throttle.allow() is None
+
+
+def test_backoff_doubles_up_to_its_ceiling_and_starts_over_after_a_success() -> None:
+    backoff = Backoff(0.2, 1.0)
+    assert [backoff.next() for _ in range(5)] == [0.2, 0.4, 0.8, 1.0, 1.0]
+    backoff.reset()
+    assert backoff.next() == 0.2
