@@ -67,6 +67,7 @@ from scripts.bench_common import (
     collect_results,
     cpu_by_component,
     cpu_seconds,
+    exit_on_sigterm,
     gather_results,
     local_system,
     machine,
@@ -655,6 +656,7 @@ def ratios(run: dict[str, Any]) -> dict[str, float]:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--clients", type=int, default=2, help="client processes for the command load")

@@ -7,8 +7,10 @@ import contextlib
 import os
 import platform
 import queue
+import signal
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -62,8 +64,16 @@ def seed_products(system: LocalSystem, skus: list[str], stock: int) -> None:
             )
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM exit like Ctrl-C does, through every `finally`, so that a benchmark that is killed
+    still stops the servers and services it started."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 @contextlib.contextmanager
 def local_system(work: Path, **overrides: Any) -> Iterator[LocalSystem]:
+    """Embedded PostgreSQL and NATS for one benchmark, stopped (with every service started on it) when
+    the block ends (see `exit_on_sigterm`)."""
     pg = local_stack.start_postgres(work / "postgres")
     nats = local_stack.start_nats(work / "nats")
     system = LocalSystem(

@@ -24,6 +24,7 @@ from pathlib import Path
 from orders import jetstream, local_stack
 from orders.config import Settings
 from projector import lag
+from scripts.bench_common import exit_on_sigterm
 from tests.support import migrate, publish_events, synthetic_history
 
 
@@ -62,6 +63,7 @@ def drain(base: Settings, batch: int, run: int, work: Path) -> float:
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--batches", default="1,64,256")

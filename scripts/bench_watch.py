@@ -39,6 +39,7 @@ from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_
 from scripts.bench_common import (
     LocalSystem,
     collect_results,
+    exit_on_sigterm,
     local_system,
     machine,
     median,
@@ -201,6 +202,7 @@ def run_once(
 
 
 def main() -> None:
+    exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--watchers", type=int, default=500)
     parser.add_argument("--rate", type=float, default=40.0, help="commands per second")
