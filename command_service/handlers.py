@@ -88,7 +88,7 @@ STORED_SQL = "SELECT command, request_hash, response FROM idempotency_keys WHERE
 # request_id waits on the primary key for the first one's commit and then fails there.
 STORE_SQL = "INSERT INTO idempotency_keys (request_id, command, request_hash, response) VALUES (%s, %s, %s, %s)"
 IDEMPOTENCY_KEY = "idempotency_keys_pkey"
-# PlaceOrder (a group of them, see `CommandHandlers.place_order`): the products of every order of the
+# PlaceOrder (a group of them, see `CommandHandlers._place_orders`): the products of every order of the
 # group, locked in SKU order, then the request_ids stored meanwhile (read after the locks were granted:
 # read committed, so it sees what a concurrent copy committed while this one waited for them).
 LOCK_PRODUCTS_SQL = (
