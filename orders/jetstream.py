@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import nats
@@ -26,7 +27,13 @@ NOT_A_BATCH = -1  # the server answered the commit as a plain publish (no atomic
 ATOMIC_BATCH_MAX = 1000  # nats-server's default ceiling of messages per atomic batch
 
 
-async def connect(target: Settings | str, name: str, *, retry_forever: bool = True) -> NATS:
+async def connect(
+    target: Settings | str,
+    name: str,
+    *,
+    retry_forever: bool = True,
+    on_reconnect: Callable[[], None] | None = None,
+) -> NATS:
     """Connect to NATS (target: the settings, with their credentials, or a bare URL), reconnecting for ever.
 
     With retry_forever the first connection is retried too, so a service can start before NATS. The
@@ -42,8 +49,10 @@ async def connect(target: Settings | str, name: str, *, retry_forever: bool = Tr
         if client and not client[0].is_closed:  # our own close() is not news
             log.warning("disconnected from NATS")
 
-    async def on_reconnect() -> None:
+    async def reconnected() -> None:
         log.info("reconnected to NATS")
+        if on_reconnect is not None:
+            on_reconnect()
 
     async def on_error(exc: Exception) -> None:
         log.debug("NATS client error: %s", exc)
@@ -55,7 +64,7 @@ async def connect(target: Settings | str, name: str, *, retry_forever: bool = Tr
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
         disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
+        reconnected_cb=reconnected,
         error_cb=on_error,
     )
     if isinstance(target, Settings):

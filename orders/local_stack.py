@@ -293,6 +293,27 @@ def start_postgres(
     return pg
 
 
+def start_replica(
+    primary: LocalPostgres, data_dir: Path, port: int | None = None, *, durable: bool = True
+) -> LocalPostgres:
+    """A streaming replica (hot standby) of primary in data_dir: copied with pg_basebackup on first use
+    (which also writes standby.signal and the connection to the primary), then run like start_postgres."""
+    data_dir = data_dir.resolve()
+    if not (data_dir / "PG_VERSION").exists():
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [
+                str(_postgres_bin() / "pg_basebackup"),
+                *("-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres", "-D", str(data_dir)),
+                *("--write-recovery-conf", "--wal-method=stream", "--checkpoint=fast"),
+                *([] if durable else ["--no-sync"]),
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return start_postgres(data_dir, port, durable=durable)
+
+
 # --- NATS ---------------------------------------------------------------------------------------
 
 

@@ -153,6 +153,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.RebuildReadModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[admin_pb2.RebuildReadModelResponse]:
         async for step in rebuild.rebuild(self._nats(), self._engine, self._settings):
+            if step.swapped:  # query services on replicas re-read everything (the primary's were NOTIFYed)
+                self._projector.announcer.resync()
             yield admin_pb2.RebuildReadModelResponse(
                 replayed=step.replayed, target_sequence=step.target_seq, swapped=step.swapped
             )

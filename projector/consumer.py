@@ -22,7 +22,9 @@ Invariants:
   Later events of a dead-lettered aggregate are parked in the dead-letter table instead of retried,
   while other aggregates keep flowing. The consumer itself never gives up on an event (its server-side
   max_deliver is unlimited): giving up is the projector's decision, so it is always recorded.
-- After each commit one NOTIFY carries the changed rows to the query side.
+- Each commit NOTIFYs the changed rows to query services on the read primary (delivered at commit),
+  and is then announced on core NATS to those on replicas (projector/announcer.py), before the next
+  batch is applied.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from orders.events import HEADER_CORRELATION_ID, HEADER_TRACEPARENT, Undecodable
 from orders.outbox_report import OutboxReport
 from orders.read_model import CHANGES_CHANNEL
 from projector import dead_letters
+from projector.announcer import Announcer
 from projector.projections import (
     Change,
     Item,
@@ -96,13 +99,18 @@ BATCH_SECONDS = Histogram(
 )
 
 
+def change_entries(changes: list[Change]) -> list[list[Any]]:
+    """What a commit changed, as announced to the query side: [kind, key, version, stream_seq, customer_id]."""
+    return [[c.kind, c.key, c.version, c.stream_seq, c.customer_id] for c in changes]
+
+
 def change_payloads(changes: list[Change]) -> list[str]:
-    """Split changes into NOTIFY payloads: JSON lists of [kind, key, version, stream_seq, customer_id]."""
+    """Split changes into NOTIFY payloads: JSON lists of change entries."""
     payloads: list[str] = []
     chunk: list[str] = []
     size = 2
-    for change in changes:
-        item = json.dumps([change.kind, change.key, change.version, change.stream_seq, change.customer_id])
+    for entry in change_entries(changes):
+        item = json.dumps(entry)
         if chunk and size + len(item) + 1 > NOTIFY_CHUNK_BYTES:
             payloads.append("[" + ",".join(chunk) + "]")
             chunk, size = [], 2
@@ -200,6 +208,7 @@ class Projector:
         self.consuming = False  # the consumer is set up and subscribed
         self.dead_lettered_total = 0
         self.nc: NATS | None = None
+        self.announcer = Announcer(settings, lambda: self.nc)
         self.outbox: OutboxReport | None = None  # the relay's latest report of its unpublished backlog
         self._stopping = asyncio.Event()  # run()'s stop event, once it runs
 
@@ -233,6 +242,7 @@ class Projector:
     async def run(self, stop: asyncio.Event) -> None:
         self._stopping = stop
         nc = self.nc = await jetstream.connect(self._settings, "orders-projector")
+        idle_announcements = asyncio.create_task(self.announcer.run_idle(), name="idle-announcements")
         try:
             await nc.subscribe(outbox_report.SUBJECT, cb=self._on_outbox_report)
             await self._setup(nc)
@@ -264,6 +274,9 @@ class Projector:
                 if prefetch is not None:
                     prefetch.cancel()
         finally:
+            idle_announcements.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await idle_announcements
             await jetstream.close(nc)
 
     @staticmethod
@@ -516,7 +529,8 @@ class Projector:
         the items that are dead letters already or wait behind one (`_set_aside`); fold the others into
         the rows (`plan`); with give_up, make dead letters of gaps that have had max_deliver deliveries
         (`_give_up_on_gaps`); write the rows, dead letters, checkpoint and NOTIFY, and COMMIT (round
-        trip 2); then count and log what happened (`_report`).
+        trip 2); announce the commit on NATS (round trip 3, for the WAL position, on the announcer's
+        own connection); then count and log what happened (`_report`).
         """
         started_ns = time.time_ns()
         async with driver_transaction(self._engine) as conn:
@@ -532,6 +546,8 @@ class Projector:
                 await dead_letters.record(conn, letters)
                 await signal_changes(conn, folded.changes)
                 await conn.commit()
+        if folded.changes:
+            await self.announcer.announce(change_entries(folded.changes))
         self._report(items, letters, started_ns)
         by_seq = {msg.metadata.sequence.stream: msg for msg in msgs}
         return [by_seq[letter.stream_seq] for letter in letters]

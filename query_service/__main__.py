@@ -33,12 +33,18 @@ LAGGING = Gauge("orders_projection_lagging", "1 while the projection counts as l
 
 
 class ProjectionProbe:
-    """Lagging when the projector's last lag report is too high or too old; also updates the gauges."""
+    """Lagging when the projector's last lag report is too high or too old, or when this query service's
+    read replica has not replayed what the projector announced for longer than the alert threshold;
+    also updates the gauges."""
 
-    def __init__(self, engine: db.AsyncEngine, settings: Settings) -> None:
-        self._engine, self._settings = engine, settings
+    def __init__(self, engine: db.AsyncEngine, settings: Settings, feed: ChangeFeed) -> None:
+        self._engine, self._settings, self._feed = engine, settings, feed
 
     async def __call__(self) -> str | None:
+        replica = self._feed.replica_lag_seconds
+        if replica > self._settings.lag_alert_seconds:
+            LAGGING.set(1)
+            return f"the read replica lags {self._feed.replica_lag_bytes} bytes / {replica:.1f}s behind the projector"
         try:
             async with self._engine.connect() as conn:
                 row = (
@@ -84,16 +90,25 @@ async def _serve(settings: Settings, engine: db.AsyncEngine, pool: AsyncConnecti
     stop = stop_event()
     database = readiness.DatabaseProbe(engine, settings.query_database, migrations.READ, "read")
     read_model = ReadModel(pool)
-    feed = ChangeFeed(settings.query_database, read_model)
+    feed = ChangeFeed(settings, read_model)
     servicer = QueryService(read_model, feed, settings)
     server, port, health = create_server(settings.query_addr, SERVICE, servicer, settings)
     feed_task = asyncio.create_task(feed.run(), name="change-feed")
     metrics_port = serve_metrics(settings.query_metrics_addr)
     Gauge("orders_query_watch_streams", "Open WatchOrderSummaries streams").set_function(lambda: feed.active_watches)
+    Gauge("orders_query_on_replica", "1 while the read database is a hot standby").set_function(
+        lambda: int(feed.standby)
+    )
+    Gauge(
+        "orders_read_replica_lag_bytes", "WAL the projector announced that this service's replica has not replayed"
+    ).set_function(lambda: feed.replica_lag_bytes)
+    Gauge(
+        "orders_read_replica_lag_seconds", "How long the oldest announcement not yet replayed by the replica has waited"
+    ).set_function(lambda: feed.replica_lag_seconds)
     statuses: dict[str, list[readiness.Probe]] = {
         "": [database, feed.probe],
         SERVICE.full_name: [database, feed.probe],
-        PROJECTION_HEALTH: [ProjectionProbe(engine, settings)],
+        PROJECTION_HEALTH: [ProjectionProbe(engine, settings, feed)],
     }
     try:
         health_task = await readiness.follow(health, statuses)  # raises NotMigrated before serving

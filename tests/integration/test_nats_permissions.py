@@ -17,15 +17,20 @@ import pytest
 from nats.aio.msg import Msg
 
 from command_service.outbox import WAKE_SUBJECT
-from orders import jetstream, local_stack, outbox_report
+from orders import jetstream, local_stack, outbox_report, read_changes
 from orders.config import Settings
 from orders.db import libpq_url
 from orders.outbox_report import OutboxReport
+from orders.read_changes import Announcement
 from orders.v1 import commands_pb2_grpc
 from tests.support import Infra, add_product, eventually, isolated_settings, migrate, new_sku, place, start_serving
 
 ROOT = Path(__file__).resolve().parents[2]
-PASSWORDS = {"ORDERS_NATS_COMMAND_PASSWORD": "command-pw-4f1c", "ORDERS_NATS_PROJECTOR_PASSWORD": "projector-pw-9a2e"}
+PASSWORDS = {
+    "ORDERS_NATS_COMMAND_PASSWORD": "command-pw-4f1c",
+    "ORDERS_NATS_PROJECTOR_PASSWORD": "projector-pw-9a2e",
+    "ORDERS_NATS_QUERY_PASSWORD": "query-pw-77d0",
+}
 
 
 @pytest.fixture
@@ -122,6 +127,31 @@ def test_each_service_can_do_its_part_and_nothing_else(
             finally:
                 await jetstream.close(nc)
                 await jetstream.close(intruder)
+            query = await jetstream.connect(
+                as_user(base, "orders-query", PASSWORDS["ORDERS_NATS_QUERY_PASSWORD"]), "query", retry_forever=False
+            )
+            try:
+                announcements: asyncio.Queue[Announcement] = asyncio.Queue()
+
+                async def announced(msg: Msg) -> None:
+                    await announcements.put(Announcement.decode(msg.data))
+
+                await query.subscribe(read_changes.subject("ORDERS_EVENTS"), cb=announced)
+                await query.flush()
+                fake = Announcement(1 << 62, [["order", order.order_id, 99, 99, "guarded"]])
+                await query.publish(read_changes.subject("ORDERS_EVENTS"), fake.encode())
+                await query.flush()
+                heard_announcements = [await asyncio.wait_for(announcements.get(), 10) for _ in range(2)]  # 1 a second
+                outcome["query hears the projector's announcements"] = all(
+                    a.lsn < fake.lsn for a in heard_announcements
+                )
+                try:
+                    await query.jetstream(timeout=2).pull_subscribe("orders.v1.events.>", durable="query-snoop")
+                    outcome["query creates a consumer"] = True
+                except Exception:
+                    outcome["query creates a consumer"] = False
+            finally:
+                await jetstream.close(query)
             try:
                 await nats.connect(
                     guarded_nats.url,
@@ -143,6 +173,8 @@ def test_each_service_can_do_its_part_and_nothing_else(
             "command processes wake each other's relay": True,
             "projector wakes the relay": False,
             "command creates a consumer": False,
+            "query hears the projector's announcements": True,  # and not its own forged one
+            "query creates a consumer": False,
             "wrong password connects": False,
         }
     finally:

@@ -104,6 +104,7 @@ def test_compose_runs_real_cli_commands_and_nats_config_is_valid() -> None:
 COMPOSE_SECRETS = {
     "ORDERS_NATS_COMMAND_PASSWORD": "command-secret",
     "ORDERS_NATS_PROJECTOR_PASSWORD": "projector-secret",
+    "ORDERS_NATS_QUERY_PASSWORD": "query-secret",
     "ORDERS_AUTH_TOKENS": "ops admin,orders:read,orders:write,inventory:write " + "t" * 32,
 }
 

@@ -1,0 +1,172 @@
+"""Query services on streaming replicas of the read database: no answer older than its token.
+
+A system of its own: a read primary (its PostgreSQL cluster also holds the write database) with two hot
+standbys made by pg_basebackup, the command service and the projector on the primary, and three
+query services, one on the primary and one on each replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import psycopg
+import pytest
+
+from orders import local_stack
+from orders.config import Settings
+from orders.db import libpq_url
+from orders.local_stack import LocalPostgres, ManagedProcess
+from orders.v1 import commands_pb2, commands_pb2_grpc, queries_pb2, queries_pb2_grpc
+from tests.e2e.test_watch import Watcher
+from tests.support import (
+    Infra,
+    add_product,
+    isolated_settings,
+    migrate,
+    new_id,
+    new_sku,
+    place,
+    scrape_metrics,
+    start_serving,
+)
+
+LAG_ALERT_SECONDS = 2.0
+
+
+@dataclass
+class QueryNode:
+    settings: Settings
+    process: ManagedProcess
+    stub: queries_pb2_grpc.QueryServiceStub
+
+
+@dataclass
+class Replicated:
+    settings: Settings
+    primary: LocalPostgres
+    replicas: list[LocalPostgres]
+    commands: commands_pb2_grpc.CommandServiceStub
+    queries: list[QueryNode]  # [on the primary, on replica 1, on replica 2]
+
+
+@pytest.fixture(scope="module")
+def replicated(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicated]:
+    """The system, shared by this module's tests (each leaves it whole: replicas it stops are restarted)."""
+    tmp_path = tmp_path_factory.mktemp("replicated")
+    # Commits wait for their WAL to be written (the shared test cluster's synchronous_commit=off would
+    # hold each commit's WAL back from the replicas for up to wal_writer_delay).
+    primary = local_stack.start_postgres(tmp_path / "primary", durable=False, options={"synchronous_commit": "on"})
+    nats = local_stack.start_nats(tmp_path / "nats")  # its own: the event subjects are the same in every system
+    servers: list[LocalPostgres | local_stack.LocalNats] = [nats, primary]
+    processes: list[ManagedProcess] = []
+    replicas: list[LocalPostgres] = []
+    channels: list[grpc.Channel] = []
+    try:
+        base = isolated_settings(infra, nats_url=nats.url, lag_alert_seconds=LAG_ALERT_SECONDS)
+        settings = replace(
+            base,
+            write_database_url=primary.url(f"orders_write_{base.stream.lower()}"),
+            read_database_url=primary.url(f"orders_read_{base.stream.lower()}"),
+        )
+        asyncio.run(migrate(settings))
+        for n in (1, 2):
+            replicas.append(local_stack.start_replica(primary, tmp_path / f"replica{n}", durable=False))
+        processes.append(start_serving("command_service", settings, tmp_path / "logs"))
+        processes.append(start_serving("projector", settings, tmp_path / "logs"))
+        queries = []
+        for n, server in enumerate([primary, *replicas]):
+            own = replace(
+                settings,
+                **{k: v for k, v in local_stack.free_addresses().items() if k.startswith("query_")},
+                query_database_url=server.url(f"orders_read_{base.stream.lower()}"),
+            )
+            proc = start_serving("query_service", own, tmp_path / f"query{n}")
+            processes.append(proc)
+            channels.append(grpc.insecure_channel(own.query_addr))
+            queries.append(QueryNode(own, proc, queries_pb2_grpc.QueryServiceStub(channels[-1])))
+        channels.append(grpc.insecure_channel(settings.command_addr))
+        yield Replicated(settings, primary, replicas, commands_pb2_grpc.CommandServiceStub(channels[-1]), queries)
+    finally:
+        for channel in channels:
+            channel.close()
+        for proc in reversed(processes):
+            proc.stop()
+        for server in reversed(servers):
+            server.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+def on_replica(node: QueryNode) -> bool:
+    return scrape_metrics(node.settings.query_metrics_addr).get("orders_query_on_replica") == 1.0
+
+
+def test_query_services_on_replicas_follow_the_projector_through_its_announcements(replicated: Replicated) -> None:
+    assert [on_replica(node) for node in replicated.queries] == [False, True, True]
+    with psycopg.connect(libpq_url(replicated.replicas[0].url("postgres"))) as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):  # why the announcements exist
+            conn.execute("LISTEN orders_read_changes")
+
+
+def test_a_token_read_through_any_query_service_finds_the_command_it_follows(replicated: Replicated) -> None:
+    sku = new_sku("R")
+    add_product(replicated.commands, sku, stock=1000)
+    found = 0
+    for n in range(200):
+        placed = place(replicated.commands, f"rr-{n % 7}", (sku, 1))
+        node = replicated.queries[n % 3]
+        summary = node.stub.GetOrderSummary(
+            queries_pb2.GetOrderSummaryRequest(order_id=placed.order_id, consistency_token=placed.consistency_token),
+            timeout=10,
+        ).summary
+        found += summary.order_id == placed.order_id and summary.version == 1
+    assert found == 200
+
+
+def test_a_watch_through_a_replica_resumes_without_gaps_or_repeats(replicated: Replicated) -> None:
+    sku, customer = new_sku("W"), f"rw-{new_id()}"
+    add_product(replicated.commands, sku, stock=100)
+    replica = replicated.queries[1].stub
+    first = place(replicated.commands, customer, (sku, 1))
+    watcher = Watcher(
+        replica,
+        queries_pb2.WatchOrderSummariesRequest(
+            customer_id=customer, include_snapshot=True, consistency_token=first.consistency_token
+        ),
+    )
+    try:
+        seen = [watcher.next().summary]
+        live = [place(replicated.commands, customer, (sku, 1)) for _ in range(3)]
+        seen += [watcher.next().summary for _ in live]
+        assert [(s.order_id, s.version) for s in seen] == [(p.order_id, 1) for p in [first, *live]]
+    finally:
+        watcher.close()
+    last_seen = seen[-1].stream_sequence
+    missed = [place(replicated.commands, customer, (sku, 1)) for _ in range(3)]
+    cancelled = replicated.commands.CancelOrder(
+        commands_pb2.CancelOrderRequest(request_id=new_id(), order_id=first.order_id, reason="changed my mind"),
+        timeout=10,
+    )
+    resumed = Watcher(
+        replica,
+        queries_pb2.WatchOrderSummariesRequest(
+            customer_id=customer, after_sequence=last_seen, consistency_token=cancelled.consistency_token
+        ),
+    )
+    try:
+        got = [resumed.next().summary for _ in range(4)]
+        assert [(s.order_id, s.version) for s in got] == [(p.order_id, 1) for p in missed] + [(first.order_id, 2)]
+        sequences = [s.stream_sequence for s in got]
+        assert sequences == sorted(set(sequences)) and sequences[0] > last_seen
+        after = place(replicated.commands, customer, (sku, 1))
+        assert resumed.next().summary.order_id == after.order_id  # then live, nothing repeated
+        with pytest.raises(queue.Empty):
+            resumed.received.get(timeout=1)
+    finally:
+        resumed.close()
