@@ -215,6 +215,7 @@ def _prepare_for_system_user(data_dir: Path) -> str | None:
 class LocalPostgres:
     process: ManagedProcess
     port: int
+    data_dir: Path
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -275,7 +276,7 @@ def start_postgres(
         user=user,
         stop_signal=signal.SIGINT,
     )
-    pg = LocalPostgres(process, port)
+    pg = LocalPostgres(process, port, data_dir)
 
     def ready() -> bool:
         if not process.alive():

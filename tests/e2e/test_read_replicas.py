@@ -11,7 +11,6 @@ import asyncio
 import queue
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import grpc
 import psycopg
@@ -26,6 +25,7 @@ from tests.e2e.test_watch import Watcher
 from tests.support import (
     Infra,
     add_product,
+    eventually,
     isolated_settings,
     migrate,
     new_id,
@@ -144,7 +144,15 @@ def test_a_watch_through_a_replica_resumes_without_gaps_or_repeats(replicated: R
         seen = [watcher.next().summary]
         live = [place(replicated.commands, customer, (sku, 1)) for _ in range(3)]
         seen += [watcher.next().summary for _ in live]
-        assert [(s.order_id, s.version) for s in seen] == [(p.order_id, 1) for p in [first, *live]]
+        with psycopg.connect(libpq_url(replicated.replicas[0].url("postgres")), autocommit=True) as conn:
+            conn.execute("SELECT pg_wal_replay_pause()")  # announced before the replica shows them
+            try:
+                held = [place(replicated.commands, customer, (sku, 1)) for _ in range(2)]
+                assert token_read(replicated.queries[1], held[-1], timeout=1) == "UNAVAILABLE"  # not replayed
+            finally:
+                conn.execute("SELECT pg_wal_replay_resume()")
+        seen += [watcher.next().summary for _ in held]
+        assert [(s.order_id, s.version) for s in seen] == [(p.order_id, 1) for p in [first, *live, *held]]
     finally:
         watcher.close()
     last_seen = seen[-1].stream_sequence
@@ -170,3 +178,72 @@ def test_a_watch_through_a_replica_resumes_without_gaps_or_repeats(replicated: R
             resumed.received.get(timeout=1)
     finally:
         resumed.close()
+
+
+def token_read(node: QueryNode, placed: commands_pb2.PlaceOrderResponse, timeout: float = 10) -> str:
+    """The order's id as the node answers a read with the command's token (its status code's name if it fails)."""
+    try:
+        request = queries_pb2.GetOrderSummaryRequest(
+            order_id=placed.order_id, consistency_token=placed.consistency_token
+        )
+        return str(node.stub.GetOrderSummary(request, timeout=timeout).summary.order_id)
+    except grpc.RpcError as err:
+        return str(err.code().name)
+
+
+def health(node: QueryNode, service: str = "") -> str | None:
+    return local_stack.grpc_health(node.settings.query_addr, service)
+
+
+def test_a_replica_that_stops_replaying_never_answers_older_than_a_token_and_turns_lagging(
+    replicated: Replicated,
+) -> None:
+    sku = new_sku("P")
+    add_product(replicated.commands, sku, stock=10)
+    paused, replica = replicated.queries[2], libpq_url(replicated.replicas[1].url("postgres"))
+    eventually(lambda: health(paused, "projection") == "SERVING", 30, "projection health SERVING")
+    with psycopg.connect(replica, autocommit=True) as conn:
+        conn.execute("SELECT pg_wal_replay_pause()")
+        try:
+            placed = place(replicated.commands, "paused", (sku, 1))
+            # Not the stale answer (NOT_FOUND): the replica has not replayed the order, so the read waits
+            # until its deadline and says so.
+            assert token_read(paused, placed, timeout=2) == "UNAVAILABLE"
+            assert [token_read(node, placed) for node in replicated.queries[:2]] == [placed.order_id] * 2
+            metrics = eventually(
+                lambda: (
+                    (m := scrape_metrics(paused.settings.query_metrics_addr))["orders_read_replica_lag_seconds"]
+                    > LAG_ALERT_SECONDS
+                    and m
+                ),
+                30,
+                "the replica lag past the alert threshold",
+            )
+            assert metrics["orders_read_replica_lag_bytes"] > 0
+            eventually(lambda: health(paused, "projection") == "NOT_SERVING", 30, "projection health NOT_SERVING")
+            assert health(paused) == "SERVING"  # it still answers what it has (reads without a token)
+        finally:
+            conn.execute("SELECT pg_wal_replay_resume()")
+    assert token_read(paused, placed) == placed.order_id
+    eventually(lambda: health(paused, "projection") == "SERVING", 30, "projection health SERVING again")
+    assert scrape_metrics(paused.settings.query_metrics_addr)["orders_read_replica_lag_bytes"] == 0
+
+
+def test_a_stopped_replica_fails_only_its_own_query_service(replicated: Replicated) -> None:
+    sku = new_sku("S")
+    add_product(replicated.commands, sku, stock=10)
+    down_node, server = replicated.queries[1], replicated.replicas[0]
+    server.stop()
+    try:
+        eventually(lambda: health(down_node) == "NOT_SERVING", 30, "the stopped replica's query service NOT_SERVING")
+        placed = place(replicated.commands, "stopped", (sku, 1))
+        assert token_read(down_node, placed, timeout=2) == "UNAVAILABLE"
+        others = [replicated.queries[0], replicated.queries[2]]
+        assert [token_read(node, placed) for node in others] == [placed.order_id] * 2
+        assert [health(node) for node in others] == ["SERVING", "SERVING"]
+    finally:
+        restarted = local_stack.start_replica(replicated.primary, server.data_dir, server.port, durable=False)
+        replicated.replicas[0] = restarted
+    eventually(lambda: health(down_node) == "SERVING", 30, "its query service SERVING again")
+    # A pooled connection the restart broke fails one call with UNAVAILABLE (retryable), as on a primary.
+    eventually(lambda: token_read(down_node, placed) == placed.order_id, 30, "the order read through it again")
