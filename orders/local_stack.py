@@ -298,7 +298,8 @@ def start_replica(
     primary: LocalPostgres, data_dir: Path, port: int | None = None, *, durable: bool = True
 ) -> LocalPostgres:
     """A streaming replica (hot standby) of primary in data_dir: copied with pg_basebackup on first use
-    (which also writes standby.signal and the connection to the primary), then run like start_postgres."""
+    (which also writes standby.signal), then run like start_postgres, streaming from primary's port of
+    this run (the primary's port changes from run to run of `orders up`)."""
     data_dir = data_dir.resolve()
     if not (data_dir / "PG_VERSION").exists():
         data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +313,8 @@ def start_replica(
             check=True,
             capture_output=True,
         )
-    return start_postgres(data_dir, port, durable=durable)
+    conninfo = f"host=127.0.0.1 port={primary.port} user=postgres application_name={data_dir.name}"
+    return start_postgres(data_dir, port, durable=durable, options={"primary_conninfo": conninfo})
 
 
 # --- NATS ---------------------------------------------------------------------------------------

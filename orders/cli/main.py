@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="worker processes of the command and query services (default ORDERS_WORKERS; 0: one per core)",
     )
+    p.add_argument(
+        "--read-replicas",
+        type=int,
+        default=0,
+        choices=range(0, 10),
+        metavar="N",
+        help="streaming replicas of the read database, each with a query service of its own (0 to 9; default 0)",
+    )
     for name, module, text in (
         ("command-service", "command_service", "run the CommandService (with its outbox relay)"),
         ("query-service", "query_service", "run the QueryService"),

@@ -29,6 +29,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.read_replicas and args.external:
+        print("orders up: --read-replicas replicates the PostgreSQL it starts (not with --external)", file=sys.stderr)
+        return 2
     started: list[local_stack.ManagedProcess] = []
     infra: list[Any] = []
     stopping = False
@@ -66,10 +69,26 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 return 2
             settings = dataclasses.replace(settings, workers=args.workers)
         asyncio.run(migrations.migrate(settings))
-        env = settings.to_env()
+        on_replicas = []  # settings of the query services on the read replicas
+        for n in range(1, args.read_replicas + 1):
+            replica = local_stack.start_replica(infra[0], data_dir / f"postgres-replica{n}")
+            infra.append(replica)
+            print(f"PostgreSQL  {replica.url('')}  (pid {replica.process.pid}, read replica {n})")
+            on_replicas.append(
+                dataclasses.replace(
+                    settings,
+                    query_database_url=replica.url("orders_read"),
+                    query_addr=f"127.0.0.1:{local_stack.free_port()}",
+                    query_metrics_addr=f"127.0.0.1:{local_stack.free_port()}",
+                )
+            )
         for module in local_stack.SERVICES:
-            started.append(local_stack.start_service(module, env, data_dir / "logs"))
-        for address in (settings.command_addr, settings.query_addr, settings.admin_addr):
+            started.append(local_stack.start_service(module, settings.to_env(), data_dir / "logs"))
+        for n, replica_settings in enumerate(on_replicas, 1):
+            log_dir = data_dir / "logs" / f"replica{n}"
+            started.append(local_stack.start_service("query_service", replica_settings.to_env(), log_dir))
+        query_addrs = [settings.query_addr, *(s.query_addr for s in on_replicas)]
+        for address in (settings.command_addr, *query_addrs, settings.admin_addr):
             serving = functools.partial(_serving_or_dead, address, started)
             local_stack.wait_until(serving, 60, f"gRPC health SERVING on {address}")
 
@@ -77,8 +96,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         each = f"  ({workers} worker processes)" if workers > 1 else ""
         print(f"CommandService  {settings.command_addr}{each}")
         print(f"QueryService    {settings.query_addr}{each}")
+        for n, replica_settings in enumerate(on_replicas, 1):
+            print(f"QueryService    {replica_settings.query_addr}{each}  (on read replica {n})")
         print(f"AdminService    {settings.admin_addr}")
-        metrics = (settings.command_metrics_addr, settings.query_metrics_addr, settings.projector_metrics_addr)
+        metrics = (
+            settings.command_metrics_addr,
+            settings.query_metrics_addr,
+            *(s.query_metrics_addr for s in on_replicas),
+            settings.projector_metrics_addr,
+        )
         print("metrics         " + "  ".join(f"http://{a}/metrics" for a in metrics))
         written = endpoints.write(data_dir, settings)
         print(f"logs in {(data_dir / 'logs').resolve()}; endpoints in {written.resolve()}", flush=True)

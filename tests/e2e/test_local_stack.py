@@ -19,11 +19,11 @@ from tests.support import Stack, add_product, children, eventually, live_process
 class Up:
     """One `orders up` process, started in a directory of its own (data in its default .orders-data there)."""
 
-    def __init__(self, cwd: Path, env: dict[str, str], wait: bool = True) -> None:
+    def __init__(self, cwd: Path, env: dict[str, str], wait: bool = True, args: tuple[str, ...] = ()) -> None:
         self.output = cwd / f"up-{len(list(cwd.glob('up-*')))}.out"
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "orders.cli", "up"],
+                [sys.executable, "-m", "orders.cli", "up", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -58,10 +58,10 @@ def without_orders_variables() -> dict[str, str]:
     return {name: value for name, value in os.environ.items() if not name.startswith("ORDERS_")}
 
 
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "orders.cli", *args],
-        env=without_orders_variables(),
+        env={**without_orders_variables(), **(env or {})},
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -69,8 +69,8 @@ def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def cli(cwd: Path, *args: str) -> dict:  # type: ignore[type-arg]
-    result = run_cli(cwd, *args, "--json")
+def cli(cwd: Path, *args: str, env: dict[str, str] | None = None) -> dict:  # type: ignore[type-arg]
+    result = run_cli(cwd, *args, "--json", env=env)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.splitlines()[-1])  # type: ignore[no-any-return]
 
@@ -142,6 +142,36 @@ def test_up_serves_a_second_terminal_stops_on_ctrl_c_and_keeps_data(tmp_path: Pa
         assert found["summary"]["status"] == "ORDER_STATUS_CANCELLED"
     finally:
         assert second.interrupt() == 0, second.text()
+
+
+def test_up_runs_a_query_service_on_each_read_replica_and_restarts_them(tmp_path: Path) -> None:
+    if os.environ.get("ORDERS_TEST_BACKEND", "embedded") != "embedded":
+        pytest.skip("orders up starts the embedded servers; this backend provides its own")
+    addresses = {f"ORDERS_{name.upper()}": address for name, address in local_stack.free_addresses().items()}
+    env = {**without_orders_variables(), **addresses, "ORDERS_WORKERS": "1"}
+    for run in (1, 2):  # the second run finds the replicas' data and the primary on another port
+        up = Up(tmp_path, env, args=("--read-replicas", "2"))
+        try:
+            replicas = re.findall(r"QueryService +(\S+) +\(on read replica (\d)\)", up.text())
+            assert [n for _, n in replicas] == ["1", "2"], up.text()
+            assert len(up.infra_pids()) == 4, up.text()  # primary, NATS, two replicas
+            if run == 1:
+                cli(tmp_path, "upsert-product", "LAMP-2", "--name", "Lamp", "--price-minor", "999", "--currency", "EUR")
+                cli(tmp_path, "update-inventory", "LAMP-2", "--set", "5")
+            placed = cli(tmp_path, "place-order", "--customer", "dave", "--line", "LAMP-2:1")
+            for address, _ in replicas:
+                shown = cli(
+                    tmp_path,
+                    "get-order",
+                    placed["order_id"],
+                    "--token",
+                    placed["consistency_token"],
+                    env={"ORDERS_QUERY_ADDR": address},
+                )
+                assert shown["summary"]["order_id"] == placed["order_id"]
+        finally:
+            code = up.interrupt()
+        assert code == 0, up.text()
 
 
 def test_cli_seeds_demo_data_with_progress_and_prints_tables(stack: Stack) -> None:
