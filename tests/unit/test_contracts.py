@@ -138,10 +138,12 @@ def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() ->
     assert set(listed.stdout.split()) == {
         "postgres-write",
         "postgres-read",
+        "postgres-read-replica",
         "nats",
         "migrate",
         "command-service",
         "query-service",
+        "query-service-replica",
         "projector",
     }
     dockerfile = (ROOT / "Dockerfile").read_text()
