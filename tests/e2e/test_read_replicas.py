@@ -96,10 +96,10 @@ def replicated(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             channel.close()
         for proc in reversed(processes):
             proc.stop()
-        for server in reversed(servers):
-            server.stop()
         for replica in replicas:
             replica.stop()
+        for server in reversed(servers):
+            server.stop()
 
 
 def on_replica(node: QueryNode) -> bool:
