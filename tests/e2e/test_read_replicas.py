@@ -98,8 +98,8 @@ def replicated(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             proc.stop()
         for replica in replicas:
             replica.stop()
-        for server in reversed(servers):
-            server.stop()
+        for infra_server in reversed(servers):
+            infra_server.stop()
 
 
 def on_replica(node: QueryNode) -> bool:
