@@ -150,7 +150,18 @@ class Settings:
     duplicate_window: float = _setting(
         120.0, _parse_positive_float, "Stream deduplication window in seconds (Nats-Msg-Id)."
     )
-    consumer: str = _setting("orders-projector", str, "Durable consumer name of the projector.")
+    consumer: str = _setting(
+        "orders-projector",
+        str,
+        "Durable consumer name of the projector (of partition i: <name>-p<i>, with ORDERS_PARTITIONS).",
+    )
+    partitions: int = _setting(
+        0,
+        _parse_non_negative_int,
+        "Partitions of the event stream, each consumed by one projector: 0 = none (every projector shares "
+        "one consumer). All services must agree; see the README on changing it.",
+    )
+    partition: int = _setting(0, _parse_non_negative_int, "The partition this projector consumes (0 to PARTITIONS-1).")
     place_order_group_max: int = _setting(
         64,
         _parse_positive_int,
@@ -268,6 +279,8 @@ class Settings:
             raise ConfigError(f"{PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE must be set together")
         if settings.tls_client_ca_file and not settings.tls_cert_file:
             raise ConfigError(f"{PREFIX}TLS_CLIENT_CA_FILE (mTLS) needs {PREFIX}TLS_CERT_FILE and {PREFIX}TLS_KEY_FILE")
+        if settings.partitions and settings.partition >= settings.partitions:
+            raise ConfigError(f"{PREFIX}PARTITION must be below {PREFIX}PARTITIONS ({settings.partitions})")
         if bool(settings.client_cert_file) != bool(settings.client_key_file):
             raise ConfigError(f"{PREFIX}CLIENT_CERT_FILE and {PREFIX}CLIENT_KEY_FILE must be set together")
         return settings

@@ -27,6 +27,13 @@ def subject_for(aggregate_type: str, aggregate_id: str) -> str:
     return f"{SUBJECT_PREFIX}.{aggregate_type}.{aggregate_id}"
 
 
+def stored_subjects(aggregate_type: str, aggregate_id: str) -> tuple[str, str]:
+    """The subjects the stream stores an aggregate's events under: as published, and with the partition
+    appended (`<subject>.<partition>`, when the stream is partitioned)."""
+    subject = subject_for(aggregate_type, aggregate_id)
+    return subject, f"{subject}.*"
+
+
 @dataclass(frozen=True)
 class OutgoingEvent:
     """An event ready for the outbox: where it goes, its headers and its serialized envelope."""

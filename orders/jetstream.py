@@ -16,7 +16,7 @@ from nats.js.errors import NotFoundError
 
 from orders.backoff import Backoff
 from orders.config import Settings
-from orders.events import SUBJECT_WILDCARD
+from orders.events import SUBJECT_PREFIX, SUBJECT_WILDCARD
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,39 @@ async def connect(
             await asyncio.sleep(delay)
 
 
+UNPARTITIONED_SUBJECTS = f"{SUBJECT_PREFIX}.*.*"  # <type>.<id>: as published, stored so without partitions
+
+
+def partition_subjects(partition: int) -> str:
+    """The stored subjects of one partition's events: <type>.<id>.<partition>."""
+    return f"{UNPARTITIONED_SUBJECTS}.{partition}"
+
+
+def consumer_name(settings: Settings, partition: int | None = None) -> str:
+    """The durable consumer of settings' projector (or of the given partition)."""
+    if not settings.partitions:
+        return settings.consumer
+    return f"{settings.consumer}-p{settings.partition if partition is None else partition}"
+
+
+def consumer_subjects(settings: Settings) -> str:
+    return partition_subjects(settings.partition) if settings.partitions else UNPARTITIONED_SUBJECTS
+
+
 def stream_config(settings: Settings) -> api.StreamConfig:
     """The event stream: file storage, kept for ever (it is the replay source), deduplicated, open to
     atomic batch publishes (nats-server 2.12+; the relay sends a round of ORDERS_RELAY_ATOMIC_MIN rows or
-    more as one batch)."""
+    more as one batch).
+
+    With settings.partitions = N, the stream stores each event under <type>.<id>.<partition>, where
+    the server computes the partition from the aggregate (`partition(N, type, id)`, a deterministic
+    hash): every event of one aggregate lands in one partition, whose projector alone applies it."""
+    transform = None
+    if settings.partitions:
+        transform = api.SubjectTransform(
+            src=UNPARTITIONED_SUBJECTS,
+            dest=f"{SUBJECT_PREFIX}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}.{{{{partition({settings.partitions},1,2)}}}}",
+        )
     return api.StreamConfig(
         name=settings.stream,
         subjects=[SUBJECT_WILDCARD],
@@ -100,6 +129,7 @@ def stream_config(settings: Settings) -> api.StreamConfig:
         num_replicas=settings.stream_replicas,
         duplicate_window=settings.duplicate_window,
         allow_atomic=True,
+        subject_transform=transform,
     )
 
 
@@ -112,13 +142,13 @@ def consumer_config(settings: Settings) -> api.ConsumerConfig:
     because it replaces ack_wait, and a short first step would redeliver batches still being applied.
     """
     return api.ConsumerConfig(
-        durable_name=settings.consumer,
+        durable_name=consumer_name(settings),
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=settings.ack_wait,
         max_deliver=-1,
         max_ack_pending=max(1000, settings.projector_batch * 4),
-        filter_subject=SUBJECT_WILDCARD,
+        filter_subject=consumer_subjects(settings),
     )
 
 

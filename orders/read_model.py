@@ -117,3 +117,15 @@ dead_letters = sa.Table(
 CHANGES_CHANNEL = "orders_read_changes"
 RESYNC_PAYLOAD = "resync"
 PROJECTED_TABLES = ("order_summaries", "product_views")
+PROJECTION_NAME = "order_summaries"  # its row in projection_checkpoints (one per partition when partitioned)
+
+
+def projection_name(partitions: int, partition: int) -> str:
+    """The projection_checkpoints row of a projector: one per partition, so that no two projectors of a
+    partitioned stream update one row (which would serialise their commits)."""
+    return f"{PROJECTION_NAME}.p{partition}" if partitions else PROJECTION_NAME
+
+
+def projection_names(partitions: int) -> list[str]:
+    """Every projector's row of the partitioning: the projection is caught up when all of them are."""
+    return [projection_name(partitions, partition) for partition in range(max(partitions, 1))]

@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from orders import db, migrations, readiness
+from orders import db, jetstream, migrations, readiness
 from orders.config import Settings
 from orders.db import driver_transaction
 from orders.grpc_server import create_server
@@ -18,7 +18,7 @@ from orders.runtime import run_service, stop_event
 from orders.v1 import admin_pb2
 from projector import lag
 from projector.admin import AdminService
-from projector.consumer import PROJECTION_NAME, Projector
+from projector.consumer import Projector
 
 log = logging.getLogger("projector")
 SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"]
@@ -32,7 +32,7 @@ async def housekeeping(projector: Projector, settings: Settings, engine: db.Asyn
             async with driver_transaction(engine) as conn:
                 if projector.nc is not None and projector.nc.is_connected:
                     measured = await lag.measure(projector.nc, settings, projector.outbox)
-                    await lag.record(conn, PROJECTION_NAME, measured)
+                    await lag.record(conn, projector.projection, measured)
                     set_projection_lag(measured.events, measured.seconds)
                 await prune_changes(conn, settings.change_retention)
         except Exception as exc:
@@ -49,8 +49,8 @@ async def prune_changes(conn: psycopg.AsyncConnection[Any], retention: float) ->
         "WITH gone AS (DELETE FROM order_changes WHERE stream_seq IN (SELECT stream_seq FROM order_changes"
         " WHERE updated_at < now() - make_interval(secs => %s) ORDER BY stream_seq LIMIT %s) RETURNING stream_seq)"
         " UPDATE projection_checkpoints SET changes_kept_from = GREATEST(changes_kept_from,"
-        " (SELECT max(stream_seq) + 1 FROM gone)) WHERE projection = %s AND EXISTS (SELECT 1 FROM gone)",
-        (retention, PRUNE_BATCH, PROJECTION_NAME),
+        " (SELECT max(stream_seq) + 1 FROM gone)) WHERE EXISTS (SELECT 1 FROM gone)",
+        (retention, PRUNE_BATCH),
     )
 
 
@@ -74,7 +74,7 @@ async def serve(settings: Settings) -> None:
     log.info(
         "projector consuming %s as %s; AdminService on %s:%d; metrics on port %d",
         settings.stream,
-        settings.consumer,
+        jetstream.consumer_name(settings),
         settings.admin_addr.rpartition(":")[0],
         port,
         metrics_port,

@@ -19,7 +19,7 @@ from orders.events import UndecodableEvent, parse_event
 from orders.grpc_server import rpc
 from orders.v1 import admin_pb2, admin_pb2_grpc
 from projector import dead_letters, lag, rebuild
-from projector.consumer import Projector, signal_changes
+from projector.consumer import Projector, change_entries, signal_changes
 
 _STATUS = {
     dead_letters.DEAD: admin_pb2.DEAD_LETTER_STATUS_DEAD,
@@ -97,18 +97,33 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.GetProjectionLagRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetProjectionLagResponse:
         measured = await lag.measure(self._nats(), self._settings, self._projector.outbox)
+        partitions = await lag.measure_partitions(self._nats(), self._settings)
         async with driver_transaction(self._engine) as conn:
             cur = await conn.execute("SELECT count(*) FROM dead_letters")
             count = (await cur.fetchone() or (0,))[0]
+        events, seconds = measured.events, measured.seconds
+        if partitions:  # the whole projection: every partition (this projector's is one of them)
+            events = measured.unpublished + sum(p.lag.events for p in partitions if p.lag)
+            seconds = max([measured.unpublished_seconds, *(p.lag.seconds for p in partitions if p.lag)])
         return admin_pb2.GetProjectionLagResponse(
             stream_last_sequence=measured.stream_last_seq,
             ack_floor_sequence=measured.ack_floor_seq,
-            lag_events=measured.events,
-            lag_seconds=measured.seconds,
+            lag_events=events,
+            lag_seconds=seconds,
             ack_pending=measured.ack_pending,
             dead_letters=count,
             unpublished_events=measured.unpublished,
             oldest_unpublished_seconds=measured.unpublished_seconds,
+            partitions=[
+                admin_pb2.PartitionLag(
+                    partition=p.partition,
+                    consumer=p.consumer if p.lag else "",
+                    lag_events=p.lag.events if p.lag else 0,
+                    lag_seconds=p.lag.seconds if p.lag else 0.0,
+                    ack_pending=p.lag.ack_pending if p.lag else 0,
+                )
+                for p in partitions
+            ],
         )
 
     @rpc
@@ -137,7 +152,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ReplayDeadLettersResponse:
         async with driver_transaction(self._engine) as conn:
             result = await dead_letters.replay(conn, await _existing(conn, request.ids))
-            await signal_changes(conn, result.changes)
+            await signal_changes(conn, self._projector.projection, result.changes)
+        await self._projector.announcer.announce(change_entries(result.changes))
         return admin_pb2.ReplayDeadLettersResponse(applied=result.applied, still_open=result.still_open)
 
     @rpc

@@ -50,9 +50,9 @@ from orders.backoff import Backoff
 from orders.config import Settings
 from orders.correlation import child_traceparent
 from orders.db import driver_transaction, is_unavailable
-from orders.events import HEADER_CORRELATION_ID, HEADER_TRACEPARENT, UndecodableEvent, parse_event
+from orders.events import HEADER_CORRELATION_ID, HEADER_TRACEPARENT, UndecodableEvent, parse_event, stored_subjects
 from orders.outbox_report import OutboxReport
-from orders.read_model import CHANGES_CHANNEL
+from orders.read_model import CHANGES_CHANNEL, projection_name
 from projector import dead_letters
 from projector.announcer import Announcer
 from projector.projections import (
@@ -69,7 +69,6 @@ from projector.projections import (
 
 log = logging.getLogger(__name__)
 
-PROJECTION_NAME = "order_summaries"
 NOTIFY_CHUNK_BYTES = 7000  # PostgreSQL caps a NOTIFY payload at 8000 bytes
 FETCH_TIMEOUT = 1.0  # a fetch waits this long for the first event of a batch
 FETCH_RETRY_DELAY = 0.5  # pause after a fetch that failed (not one that found nothing)
@@ -121,7 +120,7 @@ def change_payloads(changes: list[Change]) -> list[str]:
     return payloads
 
 
-async def signal_changes(conn: psycopg.AsyncConnection[Any], changes: list[Change]) -> None:
+async def signal_changes(conn: psycopg.AsyncConnection[Any], projection: str, changes: list[Change]) -> None:
     """Record progress and NOTIFY the query side, in the caller's transaction (delivered at commit)."""
     if not changes:
         return
@@ -130,7 +129,7 @@ async def signal_changes(conn: psycopg.AsyncConnection[Any], changes: list[Chang
         " VALUES (%s, %s, now()) ON CONFLICT (projection) DO UPDATE SET last_stream_seq ="
         " GREATEST(projection_checkpoints.last_stream_seq, EXCLUDED.last_stream_seq), updated_at = now())"
         " SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload",
-        (PROJECTION_NAME, max(c.stream_seq for c in changes), CHANGES_CHANNEL, change_payloads(changes)),
+        (projection, max(c.stream_seq for c in changes), CHANGES_CHANNEL, change_payloads(changes)),
     )
 
 
@@ -208,6 +207,7 @@ class Projector:
         self.consuming = False  # the consumer is set up and subscribed
         self.dead_lettered_total = 0
         self.nc: NATS | None = None
+        self.projection = projection_name(settings.partitions, settings.partition)
         self.announcer = Announcer(settings, lambda: self.nc)
         self.outbox: OutboxReport | None = None  # the relay's latest report of its unpublished backlog
         self._stopping = asyncio.Event()  # run()'s stop event, once it runs
@@ -329,7 +329,9 @@ class Projector:
                 await backoff.sleep()
 
     async def _subscribe(self, js: JetStreamContext) -> JetStreamContext.PullSubscription:
-        return await js.pull_subscribe_bind(durable=self._settings.consumer, stream=self._settings.stream)
+        return await js.pull_subscribe_bind(
+            durable=jetstream.consumer_name(self._settings), stream=self._settings.stream
+        )
 
     async def _check_stalled(
         self, nc: NATS, js: JetStreamContext, sub: JetStreamContext.PullSubscription
@@ -445,11 +447,21 @@ class Projector:
         """
         if self.nc is None:
             return True
+        # Both forms the aggregate's events are stored under: without partitions and with (the
+        # partitioning may have changed since the predecessor was stored).
+        for subject in stored_subjects(*item.aggregate):
+            if await self._between_in_stream(msg, item, subject):
+                return True
+        return False
+
+    async def _between_in_stream(self, msg: Msg, item: Item, subject: str) -> bool:
+        """`_predecessor_in_stream` among the events stored under subject."""
+        assert self.nc is not None
         cursor, version = item.applied_seq + 1, item.event.aggregate_version
         jsm = self.nc.jsm()
         try:
             for _ in range(PREDECESSOR_LOOKUPS):
-                found = await jsm.get_msg(self._settings.stream, seq=cursor, subject=msg.subject, next=True)
+                found = await jsm.get_msg(self._settings.stream, seq=cursor, subject=subject, next=True)
                 if found.seq is None:
                     return False
                 with contextlib.suppress(UndecodableEvent):
@@ -544,7 +556,7 @@ class Projector:
             async with conn.pipeline():  # round trip 2
                 await execute_writes(conn, folded)
                 await dead_letters.record(conn, letters)
-                await signal_changes(conn, folded.changes)
+                await signal_changes(conn, self.projection, folded.changes)
                 await conn.commit()
         if folded.changes:
             await self.announcer.announce(change_entries(folded.changes))

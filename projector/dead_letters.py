@@ -40,10 +40,10 @@ class DeadLetter:
 
 
 def aggregate_of_subject(subject: str) -> tuple[str, str]:
-    """orders.v1.events.<type>.<id> → (type, id); what an undecodable event is filed under."""
+    """orders.v1.events.<type>.<id>[.<partition>] → (type, id); what an undecodable event is filed under."""
     rest = subject.removeprefix(SUBJECT_PREFIX + ".")
     kind, _, ident = rest.partition(".")
-    return (kind or "unknown"), (ident or subject)
+    return (kind or "unknown"), (ident.partition(".")[0] or subject)
 
 
 async def queue_open_letters(conn: AsyncConnection[Any], aggregates: Iterable[tuple[str, str]]) -> Any:

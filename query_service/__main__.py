@@ -14,7 +14,7 @@ from orders import db, migrations, readiness, workers
 from orders.config import Settings
 from orders.grpc_server import create_server, set_serving
 from orders.metrics import serve_metrics, set_projection_lag
-from orders.read_model import projection_checkpoints
+from orders.read_model import projection_checkpoints, projection_names
 from orders.runtime import Workers, run_service, stop_event
 from orders.v1 import queries_pb2
 from query_service.changes import ChangeFeed
@@ -45,24 +45,33 @@ class ProjectionProbe:
         if replica > self._settings.lag_alert_seconds:
             LAGGING.set(1)
             return f"the read replica lags {self._feed.replica_lag_bytes} bytes / {replica:.1f}s behind the projector"
+        expected = projection_names(self._settings.partitions)
         try:
             async with self._engine.connect() as conn:
-                row = (
+                rows = (
                     await conn.execute(
                         sa.select(
                             projection_checkpoints.c.lag_events,
                             projection_checkpoints.c.lag_seconds,
                             sa.func.extract("epoch", sa.func.now() - projection_checkpoints.c.lag_measured_at),
-                        )
+                            sa.func.coalesce(projection_checkpoints.c.outbox_backlog, 0),
+                        ).where(projection_checkpoints.c.projection.in_(expected))
                     )
-                ).first()
+                ).all()
         except Exception as exc:
             LAGGING.set(1)
             return f"projection status unavailable ({type(exc).__name__})"
-        if row is None or row[0] is None:
+        if len(rows) < len(expected) or any(row[0] is None for row in rows):
             LAGGING.set(1)
-            return "the projector has not reported its lag yet"
-        events, seconds, age = row[0], row[1] or 0.0, float(row[2])
+            if len(expected) == 1:
+                return "the projector has not reported its lag yet"
+            return f"not every one of the {len(expected)} partitions' projectors has reported its lag yet"
+        # The whole projection: the partitions' events add up (each report counts the outbox's once), the
+        # oldest waiting event is the oldest of all, the stalest report counts.
+        outbox = max(int(r[3]) for r in rows)
+        events = sum(int(r[0]) - int(r[3]) for r in rows) + outbox
+        seconds = max(float(r[1] or 0.0) for r in rows)
+        age = max(float(r[2]) for r in rows)
         set_projection_lag(events, seconds)
         settings = self._settings
         lagging = events > settings.lag_alert_events or seconds > settings.lag_alert_seconds

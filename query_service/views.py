@@ -165,13 +165,15 @@ CHANGES_OF_ORDERS_SQL = (
 CHANGES_OF_CUSTOMER_SQL = (
     f"SELECT {_CHANGE_COLUMN_LIST} FROM order_changes WHERE customer_id = %s AND stream_seq > %s ORDER BY stream_seq"
 )
-POSITIONS_SQL = "SELECT last_stream_seq, changes_kept_from FROM projection_checkpoints"
+POSITIONS_SQL = (  # one row per projector of a partitioned stream
+    "SELECT max(last_stream_seq), max(changes_kept_from) FROM projection_checkpoints HAVING count(*) > 0"
+)
 ORDER_VERSIONS_SQL = "SELECT order_id, version FROM order_summaries WHERE order_id = ANY(%s)"
 PRODUCT_VERSIONS_SQL = "SELECT sku, version FROM product_views WHERE sku = ANY(%s)"
 UNPUBLISHED_SQL = (
-    "SELECT coalesce(outbox_backlog, 0) AS backlog, coalesce(outbox_oldest_seconds, 0) AS oldest"
+    "SELECT coalesce(max(outbox_backlog), 0) AS backlog, coalesce(max(outbox_oldest_seconds), 0) AS oldest"
     " FROM projection_checkpoints"
-    " WHERE lag_measured_at > now() - interval '30 seconds'"
+    " WHERE lag_measured_at > now() - interval '30 seconds' HAVING count(*) > 0"
 )
 
 

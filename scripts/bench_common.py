@@ -36,6 +36,7 @@ class LocalSystem:
     local: bool = True  # False: the endpoints in settings belong to a system running elsewhere
     order_ids: list[str] = field(default_factory=list)  # orders of the read model the queries ask for
     command_addrs: list[str] = field(default_factory=list)  # every command service process (local)
+    postgres: local_stack.LocalPostgres | None = None  # the embedded PostgreSQL (local systems)
 
     def start(self, *modules: str, **overrides: Any) -> None:
         """Start service processes (with setting overrides) and wait for each to answer SERVING."""
@@ -92,6 +93,7 @@ def local_system(work: Path, **overrides: Any) -> Iterator[LocalSystem]:
         ),
         work,
         infra_pids={"postgres": pg.process.pid, "nats": nats.process.pid},
+        postgres=pg,
     )
     try:
         asyncio.run(migrate(system.settings))

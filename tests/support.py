@@ -420,6 +420,7 @@ def verify_cli(settings: Settings) -> tuple[int, dict[str, Any]]:
 @dataclass(frozen=True)
 class StreamEvent:
     seq: int
+    subject: str  # as stored: with the partition appended when the stream is partitioned
     msg_id: str
     aggregate: tuple[str, str]
     version: int
@@ -438,6 +439,7 @@ async def _read_stream(settings: Settings) -> list[StreamEvent]:
             events.append(
                 StreamEvent(
                     seq,
+                    msg.subject or "",
                     (msg.headers or {})["Nats-Msg-Id"],
                     (envelope.aggregate_type, envelope.aggregate_id),
                     envelope.aggregate_version,

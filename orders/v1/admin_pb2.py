@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from orders.v1 import events_pb2 as orders_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15orders/v1/admin.proto\x12\torders.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16orders/v1/events.proto\"\x19\n\x17GetProjectionLagRequest\"\xe8\x01\n\x18GetProjectionLagResponse\x12\x1c\n\x14stream_last_sequence\x18\x01 \x01(\x04\x12\x1a\n\x12\x61\x63k_floor_sequence\x18\x02 \x01(\x04\x12\x12\n\nlag_events\x18\x03 \x01(\x04\x12\x13\n\x0blag_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x61\x63k_pending\x18\x05 \x01(\x04\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x01(\x04\x12\x1a\n\x12unpublished_events\x18\x07 \x01(\x04\x12\"\n\x1aoldest_unpublished_seconds\x18\x08 \x01(\x01\"\xc6\x02\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x17\n\x0fstream_sequence\x18\x02 \x01(\x04\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x16\n\x0e\x61ggregate_type\x18\x04 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x05 \x01(\t\x12\x19\n\x11\x61ggregate_version\x18\x06 \x01(\x03\x12+\n\x06status\x18\x07 \x01(\x0e\x32\x1b.orders.v1.DeadLetterStatus\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x12\n\ndeliveries\x18\t \x01(\x05\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07payload\x18\x0b \x01(\x0c\x12\'\n\x05\x65vent\x18\x0c \x01(\x0b\x32\x18.orders.v1.EventEnvelope\"+\n\x16ListDeadLettersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\"F\n\x17ListDeadLettersResponse\x12+\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x15.orders.v1.DeadLetter\"\"\n\x14GetDeadLetterRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"C\n\x15GetDeadLetterResponse\x12*\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x15.orders.v1.DeadLetter\"\'\n\x18ReplayDeadLettersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"@\n\x19ReplayDeadLettersResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x03\x12\x12\n\nstill_open\x18\x02 \x01(\x03\"(\n\x19\x44iscardDeadLettersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"/\n\x1a\x44iscardDeadLettersResponse\x12\x11\n\tdiscarded\x18\x01 \x01(\x03\"\x19\n\x17RebuildReadModelRequest\"V\n\x18RebuildReadModelResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x04\x12\x17\n\x0ftarget_sequence\x18\x02 \x01(\x04\x12\x0f\n\x07swapped\x18\x03 \x01(\x08\"\x18\n\x16VerifyReadModelRequest\"z\n\x17VerifyReadModelResponse\x12\x16\n\x0eorders_checked\x18\x01 \x01(\x03\x12\x18\n\x10products_checked\x18\x02 \x01(\x03\x12\x13\n\x0b\x64ifferences\x18\x03 \x03(\t\x12\x18\n\x10\x64ifference_count\x18\x04 \x01(\x03*r\n\x10\x44\x65\x61\x64LetterStatus\x12\"\n\x1e\x44\x45\x41\x44_LETTER_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45\x41\x44_LETTER_STATUS_DEAD\x10\x01\x12\x1d\n\x19\x44\x45\x41\x44_LETTER_STATUS_PARKED\x10\x02\x32\x95\x05\n\x0c\x41\x64minService\x12[\n\x10GetProjectionLag\x12\".orders.v1.GetProjectionLagRequest\x1a#.orders.v1.GetProjectionLagResponse\x12X\n\x0fListDeadLetters\x12!.orders.v1.ListDeadLettersRequest\x1a\".orders.v1.ListDeadLettersResponse\x12R\n\rGetDeadLetter\x12\x1f.orders.v1.GetDeadLetterRequest\x1a .orders.v1.GetDeadLetterResponse\x12^\n\x11ReplayDeadLetters\x12#.orders.v1.ReplayDeadLettersRequest\x1a$.orders.v1.ReplayDeadLettersResponse\x12\x61\n\x12\x44iscardDeadLetters\x12$.orders.v1.DiscardDeadLettersRequest\x1a%.orders.v1.DiscardDeadLettersResponse\x12]\n\x10RebuildReadModel\x12\".orders.v1.RebuildReadModelRequest\x1a#.orders.v1.RebuildReadModelResponse0\x01\x12X\n\x0fVerifyReadModel\x12!.orders.v1.VerifyReadModelRequest\x1a\".orders.v1.VerifyReadModelResponseB\x1a\x42\nAdminProtoP\x01\xaa\x02\tOrders.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15orders/v1/admin.proto\x12\torders.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16orders/v1/events.proto\"\x19\n\x17GetProjectionLagRequest\"\x95\x02\n\x18GetProjectionLagResponse\x12\x1c\n\x14stream_last_sequence\x18\x01 \x01(\x04\x12\x1a\n\x12\x61\x63k_floor_sequence\x18\x02 \x01(\x04\x12\x12\n\nlag_events\x18\x03 \x01(\x04\x12\x13\n\x0blag_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x61\x63k_pending\x18\x05 \x01(\x04\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x06 \x01(\x04\x12\x1a\n\x12unpublished_events\x18\x07 \x01(\x04\x12\"\n\x1aoldest_unpublished_seconds\x18\x08 \x01(\x01\x12+\n\npartitions\x18\t \x03(\x0b\x32\x17.orders.v1.PartitionLag\"q\n\x0cPartitionLag\x12\x11\n\tpartition\x18\x01 \x01(\r\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\x12\x12\n\nlag_events\x18\x03 \x01(\x04\x12\x13\n\x0blag_seconds\x18\x04 \x01(\x01\x12\x13\n\x0b\x61\x63k_pending\x18\x05 \x01(\x04\"\xc6\x02\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\x03\x12\x17\n\x0fstream_sequence\x18\x02 \x01(\x04\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x16\n\x0e\x61ggregate_type\x18\x04 \x01(\t\x12\x14\n\x0c\x61ggregate_id\x18\x05 \x01(\t\x12\x19\n\x11\x61ggregate_version\x18\x06 \x01(\x03\x12+\n\x06status\x18\x07 \x01(\x0e\x32\x1b.orders.v1.DeadLetterStatus\x12\x0e\n\x06reason\x18\x08 \x01(\t\x12\x12\n\ndeliveries\x18\t \x01(\x05\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07payload\x18\x0b \x01(\x0c\x12\'\n\x05\x65vent\x18\x0c \x01(\x0b\x32\x18.orders.v1.EventEnvelope\"+\n\x16ListDeadLettersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\"F\n\x17ListDeadLettersResponse\x12+\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x15.orders.v1.DeadLetter\"\"\n\x14GetDeadLetterRequest\x12\n\n\x02id\x18\x01 \x01(\x03\"C\n\x15GetDeadLetterResponse\x12*\n\x0b\x64\x65\x61\x64_letter\x18\x01 \x01(\x0b\x32\x15.orders.v1.DeadLetter\"\'\n\x18ReplayDeadLettersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"@\n\x19ReplayDeadLettersResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x03\x12\x12\n\nstill_open\x18\x02 \x01(\x03\"(\n\x19\x44iscardDeadLettersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"/\n\x1a\x44iscardDeadLettersResponse\x12\x11\n\tdiscarded\x18\x01 \x01(\x03\"\x19\n\x17RebuildReadModelRequest\"V\n\x18RebuildReadModelResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x04\x12\x17\n\x0ftarget_sequence\x18\x02 \x01(\x04\x12\x0f\n\x07swapped\x18\x03 \x01(\x08\"\x18\n\x16VerifyReadModelRequest\"z\n\x17VerifyReadModelResponse\x12\x16\n\x0eorders_checked\x18\x01 \x01(\x03\x12\x18\n\x10products_checked\x18\x02 \x01(\x03\x12\x13\n\x0b\x64ifferences\x18\x03 \x03(\t\x12\x18\n\x10\x64ifference_count\x18\x04 \x01(\x03*r\n\x10\x44\x65\x61\x64LetterStatus\x12\"\n\x1e\x44\x45\x41\x44_LETTER_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45\x41\x44_LETTER_STATUS_DEAD\x10\x01\x12\x1d\n\x19\x44\x45\x41\x44_LETTER_STATUS_PARKED\x10\x02\x32\x95\x05\n\x0c\x41\x64minService\x12[\n\x10GetProjectionLag\x12\".orders.v1.GetProjectionLagRequest\x1a#.orders.v1.GetProjectionLagResponse\x12X\n\x0fListDeadLetters\x12!.orders.v1.ListDeadLettersRequest\x1a\".orders.v1.ListDeadLettersResponse\x12R\n\rGetDeadLetter\x12\x1f.orders.v1.GetDeadLetterRequest\x1a .orders.v1.GetDeadLetterResponse\x12^\n\x11ReplayDeadLetters\x12#.orders.v1.ReplayDeadLettersRequest\x1a$.orders.v1.ReplayDeadLettersResponse\x12\x61\n\x12\x44iscardDeadLetters\x12$.orders.v1.DiscardDeadLettersRequest\x1a%.orders.v1.DiscardDeadLettersResponse\x12]\n\x10RebuildReadModel\x12\".orders.v1.RebuildReadModelRequest\x1a#.orders.v1.RebuildReadModelResponse0\x01\x12X\n\x0fVerifyReadModel\x12!.orders.v1.VerifyReadModelRequest\x1a\".orders.v1.VerifyReadModelResponseB\x1a\x42\nAdminProtoP\x01\xaa\x02\tOrders.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,38 +34,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orders.v1.admin_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'B\nAdminProtoP\001\252\002\tOrders.V1'
-  _globals['_DEADLETTERSTATUS']._serialized_start=1369
-  _globals['_DEADLETTERSTATUS']._serialized_end=1483
+  _globals['_DEADLETTERSTATUS']._serialized_start=1529
+  _globals['_DEADLETTERSTATUS']._serialized_end=1643
   _globals['_GETPROJECTIONLAGREQUEST']._serialized_start=93
   _globals['_GETPROJECTIONLAGREQUEST']._serialized_end=118
   _globals['_GETPROJECTIONLAGRESPONSE']._serialized_start=121
-  _globals['_GETPROJECTIONLAGRESPONSE']._serialized_end=353
-  _globals['_DEADLETTER']._serialized_start=356
-  _globals['_DEADLETTER']._serialized_end=682
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=684
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=727
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=729
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=799
-  _globals['_GETDEADLETTERREQUEST']._serialized_start=801
-  _globals['_GETDEADLETTERREQUEST']._serialized_end=835
-  _globals['_GETDEADLETTERRESPONSE']._serialized_start=837
-  _globals['_GETDEADLETTERRESPONSE']._serialized_end=904
-  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=906
-  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=945
-  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=947
-  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=1011
-  _globals['_DISCARDDEADLETTERSREQUEST']._serialized_start=1013
-  _globals['_DISCARDDEADLETTERSREQUEST']._serialized_end=1053
-  _globals['_DISCARDDEADLETTERSRESPONSE']._serialized_start=1055
-  _globals['_DISCARDDEADLETTERSRESPONSE']._serialized_end=1102
-  _globals['_REBUILDREADMODELREQUEST']._serialized_start=1104
-  _globals['_REBUILDREADMODELREQUEST']._serialized_end=1129
-  _globals['_REBUILDREADMODELRESPONSE']._serialized_start=1131
-  _globals['_REBUILDREADMODELRESPONSE']._serialized_end=1217
-  _globals['_VERIFYREADMODELREQUEST']._serialized_start=1219
-  _globals['_VERIFYREADMODELREQUEST']._serialized_end=1243
-  _globals['_VERIFYREADMODELRESPONSE']._serialized_start=1245
-  _globals['_VERIFYREADMODELRESPONSE']._serialized_end=1367
-  _globals['_ADMINSERVICE']._serialized_start=1486
-  _globals['_ADMINSERVICE']._serialized_end=2147
+  _globals['_GETPROJECTIONLAGRESPONSE']._serialized_end=398
+  _globals['_PARTITIONLAG']._serialized_start=400
+  _globals['_PARTITIONLAG']._serialized_end=513
+  _globals['_DEADLETTER']._serialized_start=516
+  _globals['_DEADLETTER']._serialized_end=842
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=844
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=887
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=889
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=959
+  _globals['_GETDEADLETTERREQUEST']._serialized_start=961
+  _globals['_GETDEADLETTERREQUEST']._serialized_end=995
+  _globals['_GETDEADLETTERRESPONSE']._serialized_start=997
+  _globals['_GETDEADLETTERRESPONSE']._serialized_end=1064
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=1066
+  _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=1105
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=1107
+  _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_end=1171
+  _globals['_DISCARDDEADLETTERSREQUEST']._serialized_start=1173
+  _globals['_DISCARDDEADLETTERSREQUEST']._serialized_end=1213
+  _globals['_DISCARDDEADLETTERSRESPONSE']._serialized_start=1215
+  _globals['_DISCARDDEADLETTERSRESPONSE']._serialized_end=1262
+  _globals['_REBUILDREADMODELREQUEST']._serialized_start=1264
+  _globals['_REBUILDREADMODELREQUEST']._serialized_end=1289
+  _globals['_REBUILDREADMODELRESPONSE']._serialized_start=1291
+  _globals['_REBUILDREADMODELRESPONSE']._serialized_end=1377
+  _globals['_VERIFYREADMODELREQUEST']._serialized_start=1379
+  _globals['_VERIFYREADMODELREQUEST']._serialized_end=1403
+  _globals['_VERIFYREADMODELRESPONSE']._serialized_start=1405
+  _globals['_VERIFYREADMODELRESPONSE']._serialized_end=1527
+  _globals['_ADMINSERVICE']._serialized_start=1646
+  _globals['_ADMINSERVICE']._serialized_end=2307
 # @@protoc_insertion_point(module_scope)

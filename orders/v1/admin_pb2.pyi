@@ -25,7 +25,7 @@ class GetProjectionLagRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetProjectionLagResponse(_message.Message):
-    __slots__ = ("stream_last_sequence", "ack_floor_sequence", "lag_events", "lag_seconds", "ack_pending", "dead_letters", "unpublished_events", "oldest_unpublished_seconds")
+    __slots__ = ("stream_last_sequence", "ack_floor_sequence", "lag_events", "lag_seconds", "ack_pending", "dead_letters", "unpublished_events", "oldest_unpublished_seconds", "partitions")
     STREAM_LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     ACK_FLOOR_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     LAG_EVENTS_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class GetProjectionLagResponse(_message.Message):
     DEAD_LETTERS_FIELD_NUMBER: _ClassVar[int]
     UNPUBLISHED_EVENTS_FIELD_NUMBER: _ClassVar[int]
     OLDEST_UNPUBLISHED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     stream_last_sequence: int
     ack_floor_sequence: int
     lag_events: int
@@ -42,7 +43,22 @@ class GetProjectionLagResponse(_message.Message):
     dead_letters: int
     unpublished_events: int
     oldest_unpublished_seconds: float
-    def __init__(self, stream_last_sequence: _Optional[int] = ..., ack_floor_sequence: _Optional[int] = ..., lag_events: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., ack_pending: _Optional[int] = ..., dead_letters: _Optional[int] = ..., unpublished_events: _Optional[int] = ..., oldest_unpublished_seconds: _Optional[float] = ...) -> None: ...
+    partitions: _containers.RepeatedCompositeFieldContainer[PartitionLag]
+    def __init__(self, stream_last_sequence: _Optional[int] = ..., ack_floor_sequence: _Optional[int] = ..., lag_events: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., ack_pending: _Optional[int] = ..., dead_letters: _Optional[int] = ..., unpublished_events: _Optional[int] = ..., oldest_unpublished_seconds: _Optional[float] = ..., partitions: _Optional[_Iterable[_Union[PartitionLag, _Mapping]]] = ...) -> None: ...
+
+class PartitionLag(_message.Message):
+    __slots__ = ("partition", "consumer", "lag_events", "lag_seconds", "ack_pending")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    LAG_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACK_PENDING_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    consumer: str
+    lag_events: int
+    lag_seconds: float
+    ack_pending: int
+    def __init__(self, partition: _Optional[int] = ..., consumer: _Optional[str] = ..., lag_events: _Optional[int] = ..., lag_seconds: _Optional[float] = ..., ack_pending: _Optional[int] = ...) -> None: ...
 
 class DeadLetter(_message.Message):
     __slots__ = ("id", "stream_sequence", "subject", "aggregate_type", "aggregate_id", "aggregate_version", "status", "reason", "deliveries", "created_at", "payload", "event")

@@ -86,8 +86,14 @@ class Client:
     """Commands with a deadline on every call, retried with the same request_id on UNAVAILABLE or
     DEADLINE_EXCEEDED (spread over the given servers), and recorded in a shared ledger."""
 
-    def __init__(self, addresses: list[str], metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        metadata: tuple[tuple[str, str], ...] = (),
+        retryable: tuple[grpc.StatusCode, ...] = RETRYABLE,
+    ) -> None:
         self.metadata = metadata  # e.g. the bearer token, when the system requires one
+        self.retryable = retryable
         self.channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
         self.stubs = [commands_pb2_grpc.CommandServiceStub(c) for c in self.channels]
         self.ledger: list[Command] = []
@@ -127,7 +133,7 @@ class Client:
             except grpc.RpcError as exc:
                 code = exc.code()
                 command.attempts.append(Attempt(code.name, time.monotonic() - sent))
-                if code not in RETRYABLE:
+                if code not in self.retryable:
                     command.outcome = code.name
                     return None
                 if time.monotonic() - started > GIVE_UP_AFTER:

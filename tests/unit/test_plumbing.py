@@ -40,6 +40,8 @@ def test_change_notifications_fit_postgres_payload_limit() -> None:
 def test_settings_name_the_bad_variable() -> None:
     with pytest.raises(ConfigError, match="ORDERS_COMMAND_ADDR"):
         Settings.from_env({"ORDERS_COMMAND_ADDR": "no-port"})
+    with pytest.raises(ConfigError, match=r"ORDERS_PARTITION must be below ORDERS_PARTITIONS \(2\)"):
+        Settings.from_env({"ORDERS_PARTITIONS": "2", "ORDERS_PARTITION": "2"})
     with pytest.raises(ConfigError, match="ORDERS_PROJECTOR_BATCH"):
         Settings.from_env({"ORDERS_PROJECTOR_BATCH": "0"})
     with pytest.raises(ConfigError, match="ORDERS_WRITE_DATABASE_URL"):
