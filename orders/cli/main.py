@@ -85,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="streaming replicas of the read database, each with a query service of its own (0 to 9; default 0)",
     )
+    p.add_argument(
+        "--projectors",
+        type=int,
+        default=1,
+        choices=range(1, 17),
+        metavar="N",
+        help="projector processes; more than 1 partitions the event stream, one partition each (1 to 16; "
+        "default 1; keep the number from run to run, or see the README on changing it)",
+    )
     for name, module, text in (
         ("command-service", "command_service", "run the CommandService (with its outbox relay)"),
         ("query-service", "query_service", "run the QueryService"),

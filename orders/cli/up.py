@@ -68,43 +68,50 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
                 print("orders up: --workers must be 0 (one per core) or more", file=sys.stderr)
                 return 2
             settings = dataclasses.replace(settings, workers=args.workers)
+        if args.projectors > 1:  # one projector per partition of the stream
+            settings = dataclasses.replace(settings, partitions=args.projectors, partition=0)
         asyncio.run(migrations.migrate(settings))
-        on_replicas = []  # settings of the query services on the read replicas
+        logs = data_dir / "logs"
+        services: list[tuple[str, Settings, Path, str]] = [  # module, its settings, log directory, note
+            ("command_service", settings, logs, ""),
+            ("query_service", settings, logs, ""),
+        ]
         for n in range(1, args.read_replicas + 1):
             replica = local_stack.start_replica(infra[0], data_dir / f"postgres-replica{n}")
             infra.append(replica)
             print(f"PostgreSQL  {replica.url('')}  (pid {replica.process.pid}, read replica {n})")
-            on_replicas.append(
-                dataclasses.replace(
-                    settings,
-                    query_database_url=replica.url("orders_read"),
-                    query_addr=f"127.0.0.1:{local_stack.free_port()}",
-                    query_metrics_addr=f"127.0.0.1:{local_stack.free_port()}",
-                )
+            on_replica = dataclasses.replace(
+                settings,
+                query_database_url=replica.url("orders_read"),
+                query_addr=f"127.0.0.1:{local_stack.free_port()}",
+                query_metrics_addr=f"127.0.0.1:{local_stack.free_port()}",
             )
-        for module in local_stack.SERVICES:
-            started.append(local_stack.start_service(module, settings.to_env(), data_dir / "logs"))
-        for n, replica_settings in enumerate(on_replicas, 1):
-            log_dir = data_dir / "logs" / f"replica{n}"
-            started.append(local_stack.start_service("query_service", replica_settings.to_env(), log_dir))
-        query_addrs = [settings.query_addr, *(s.query_addr for s in on_replicas)]
-        for address in (settings.command_addr, *query_addrs, settings.admin_addr):
+            services.append(("query_service", on_replica, logs / f"replica{n}", f"on read replica {n}"))
+        for partition in range(settings.partitions or 1):
+            own = settings
+            if partition:
+                own = dataclasses.replace(
+                    settings,
+                    partition=partition,
+                    admin_addr=f"127.0.0.1:{local_stack.free_port()}",
+                    projector_metrics_addr=f"127.0.0.1:{local_stack.free_port()}",
+                )
+            note = f"projector of partition {partition}" if settings.partitions else ""
+            services.append(("projector", own, logs / f"partition{partition}" if partition else logs, note))
+        for module, own, log_dir, _ in services:
+            started.append(local_stack.start_service(module, own.to_env(), log_dir))
+        for module, own, _, _ in services:
+            address = _address(module, own)
             serving = functools.partial(_serving_or_dead, address, started)
             local_stack.wait_until(serving, 60, f"gRPC health SERVING on {address}")
 
         workers = settings.workers or available_cores()
-        each = f"  ({workers} worker processes)" if workers > 1 else ""
-        print(f"CommandService  {settings.command_addr}{each}")
-        print(f"QueryService    {settings.query_addr}{each}")
-        for n, replica_settings in enumerate(on_replicas, 1):
-            print(f"QueryService    {replica_settings.query_addr}{each}  (on read replica {n})")
-        print(f"AdminService    {settings.admin_addr}")
-        metrics = (
-            settings.command_metrics_addr,
-            settings.query_metrics_addr,
-            *(s.query_metrics_addr for s in on_replicas),
-            settings.projector_metrics_addr,
-        )
+        each = f"({workers} worker processes)" if workers > 1 else ""
+        for module, own, _, note in services:
+            name = SERVICE_NAMES[module]
+            notes = "  ".join(f"({n})" for n in (each if module != "projector" else "", note) if n)
+            print(f"{name:<15} {_address(module, own)}" + (f"  {notes}" if notes else ""))
+        metrics = [_address(module, own, metrics=True) for module, own, _, _ in services]
         print("metrics         " + "  ".join(f"http://{a}/metrics" for a in metrics))
         written = endpoints.write(data_dir, settings)
         print(f"logs in {(data_dir / 'logs').resolve()}; endpoints in {written.resolve()}", flush=True)
@@ -130,6 +137,17 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         for server in reversed(infra):
             server.stop()
         print("stopped")
+
+
+SERVICE_NAMES = {"command_service": "CommandService", "query_service": "QueryService", "projector": "AdminService"}
+
+
+def _address(module: str, settings: Settings, *, metrics: bool = False) -> str:
+    """Where module listens (gRPC, or its metrics) with settings."""
+    field = {"command_service": "command", "query_service": "query", "projector": "admin"}[module]
+    if metrics:
+        field = "projector" if module == "projector" else field
+    return str(getattr(settings, f"{field}_metrics_addr" if metrics else f"{field}_addr"))
 
 
 def _serving_or_dead(address: str, processes: Iterable[Any]) -> bool:

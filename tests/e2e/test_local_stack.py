@@ -144,16 +144,18 @@ def test_up_serves_a_second_terminal_stops_on_ctrl_c_and_keeps_data(tmp_path: Pa
         assert second.interrupt() == 0, second.text()
 
 
-def test_up_runs_a_query_service_on_each_read_replica_and_restarts_them(tmp_path: Path) -> None:
+def test_up_runs_query_services_on_read_replicas_and_partitioned_projectors(tmp_path: Path) -> None:
     if os.environ.get("ORDERS_TEST_BACKEND", "embedded") != "embedded":
         pytest.skip("orders up starts the embedded servers; this backend provides its own")
     addresses = {f"ORDERS_{name.upper()}": address for name, address in local_stack.free_addresses().items()}
     env = {**without_orders_variables(), **addresses, "ORDERS_WORKERS": "1"}
     for run in (1, 2):  # the second run finds the replicas' data and the primary on another port
-        up = Up(tmp_path, env, args=("--read-replicas", "2"))
+        up = Up(tmp_path, env, args=("--read-replicas", "2", "--projectors", "2"))
         try:
             replicas = re.findall(r"QueryService +(\S+) +\(on read replica (\d)\)", up.text())
             assert [n for _, n in replicas] == ["1", "2"], up.text()
+            projectors = re.findall(r"AdminService +\S+ +\(projector of partition (\d)\)", up.text())
+            assert projectors == ["0", "1"], up.text()
             assert len(up.infra_pids()) == 4, up.text()  # primary, NATS, two replicas
             if run == 1:
                 cli(tmp_path, "upsert-product", "LAMP-2", "--name", "Lamp", "--price-minor", "999", "--currency", "EUR")
@@ -169,6 +171,9 @@ def test_up_runs_a_query_service_on_each_read_replica_and_restarts_them(tmp_path
                     env={"ORDERS_QUERY_ADDR": address},
                 )
                 assert shown["summary"]["order_id"] == placed["order_id"]
+            lag = eventually(lambda: (found := cli(tmp_path, "lag"))["lag_events"] == "0" and found, 30, "lag 0")
+            partitions = [(p.get("partition", 0), p["consumer"]) for p in lag["partitions"]]
+            assert partitions == [(0, "orders-projector-p0"), (1, "orders-projector-p1")], lag
         finally:
             code = up.interrupt()
         assert code == 0, up.text()
