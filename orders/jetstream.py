@@ -105,6 +105,24 @@ def consumer_subjects(settings: Settings) -> str:
     return partition_subjects(settings.partition) if settings.partitions else UNPARTITIONED_SUBJECTS
 
 
+async def undrained_consumers(nc: NATS, settings: Settings) -> dict[str, int]:
+    """The projection's consumers of another partitioning than settings' that still hold events (name →
+    events not yet applied): events its projectors must apply before the partitioning changes for good."""
+    current = {consumer_name(settings, p) for p in range(settings.partitions)} or {settings.consumer}
+    try:
+        consumers = await nc.jsm().consumers_info(settings.stream)
+    except NotFoundError:  # no stream yet
+        return {}
+    left = {}
+    for info in consumers:
+        name = info.name or ""
+        ours = name == settings.consumer or name.removeprefix(f"{settings.consumer}-p").isdigit()
+        waiting = (info.num_pending or 0) + (info.num_ack_pending or 0)
+        if ours and name not in current and waiting:
+            left[name] = waiting
+    return left
+
+
 def stream_config(settings: Settings) -> api.StreamConfig:
     """The event stream: file storage, kept for ever (it is the replay source), deduplicated, open to
     atomic batch publishes (nats-server 2.12+; the relay sends a round of ORDERS_RELAY_ATOMIC_MIN rows or

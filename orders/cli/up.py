@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from orders import endpoints, local_stack, migrations
+from orders import endpoints, jetstream, local_stack, migrations
 from orders.config import Settings
 from orders.workers import available_cores
 
@@ -70,6 +70,16 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             settings = dataclasses.replace(settings, workers=args.workers)
         if args.projectors > 1:  # one projector per partition of the stream
             settings = dataclasses.replace(settings, partitions=args.projectors, partition=0)
+        left = asyncio.run(_undrained(settings))
+        if left:
+            waiting = ", ".join(f"{n} events for {name}" for name, n in sorted(left.items()))
+            print(
+                f"orders up: the stream still holds {waiting}: consumers of the previous run's --projectors, "
+                "which the new number would never apply. Run with that number until `orders lag` shows 0, "
+                "then change it.",
+                file=sys.stderr,
+            )
+            return 1
         asyncio.run(migrations.migrate(settings))
         logs = data_dir / "logs"
         services: list[tuple[str, Settings, Path, str]] = [  # module, its settings, log directory, note
@@ -137,6 +147,18 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         for server in reversed(infra):
             server.stop()
         print("stopped")
+
+
+async def _undrained(settings: Settings) -> dict[str, int]:
+    try:
+        nc = await jetstream.connect(settings, "orders-up", retry_forever=False)
+    except Exception as exc:  # the services report an unreachable NATS themselves, and wait for it
+        print(f"orders up: cannot ask NATS for the consumers of earlier runs ({exc})", file=sys.stderr)
+        return {}
+    try:
+        return await jetstream.undrained_consumers(nc, settings)
+    finally:
+        await jetstream.close(nc)
 
 
 SERVICE_NAMES = {"command_service": "CommandService", "query_service": "QueryService", "projector": "AdminService"}

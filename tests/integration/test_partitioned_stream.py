@@ -52,6 +52,15 @@ def test_the_server_partitions_each_aggregate_into_one_partition_and_partition_c
                 assert (info.name, info.config.filter_subject) == expected
                 assert info.num_pending == 2 * sizes[p]
 
+            # What `orders up` refuses to leave behind when the number of projectors changes:
+            assert await jetstream.undrained_consumers(nc, three) == {settings.consumer: 1}
+            by_partition = {f"{settings.consumer}-p{p}": 2 * sizes[p] for p in range(3)}
+            assert await jetstream.undrained_consumers(nc, settings) == by_partition
+            assert await jetstream.undrained_consumers(nc, replace(settings, partitions=2)) == {
+                settings.consumer: 1,
+                f"{settings.consumer}-p2": 2 * sizes[2],
+            }
+
             await jetstream.ensure_stream(nc, settings)  # back to no partitions
             assert (await jsm.stream_info(settings.stream)).config.subject_transform is None
             ack = await js.publish(subject_for("order", "after"), b"2")
