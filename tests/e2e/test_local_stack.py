@@ -174,6 +174,8 @@ def test_up_runs_query_services_on_read_replicas_and_partitioned_projectors(tmp_
             lag = eventually(lambda: (found := cli(tmp_path, "lag"))["lag_events"] == "0" and found, 30, "lag 0")
             partitions = [(p.get("partition", 0), p["consumer"]) for p in lag["partitions"]]
             assert partitions == [(0, "orders-projector-p0"), (1, "orders-projector-p1")], lag
+            for address in (addresses["ORDERS_QUERY_ADDR"], *(a for a, _ in replicas)):  # both partitions' reports
+                eventually(lambda: local_stack.grpc_health(address, "projection") == "SERVING", 30)  # noqa: B023
         finally:
             code = up.interrupt()
         assert code == 0, up.text()
