@@ -6,8 +6,9 @@ Invariants:
 - The position is `pg_current_wal_insert_lsn()` read after the commit, on a connection of its own in
   autocommit (no transaction, one round trip): it is at or past the commit record's end.
 - Announcements are sent one at a time, so their positions grow in the order they are sent.
-- An announcement that could not be sent (NATS or the database unreachable) is not retried: the next
-  one, a batch's or the idle one at most IDLE_INTERVAL later, carries `resync`.
+- An announcement that could not be sent (NATS or the database unreachable, or no position within
+  POSITION_TIMEOUT) is not retried: the next one, a batch's or the idle one at most IDLE_INTERVAL
+  later, carries `resync`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from orders.read_changes import IDLE_INTERVAL, Announcement, parse_lsn, subject
 
 log = logging.getLogger(__name__)
 
+POSITION_TIMEOUT = 2.0  # seconds: an unanswered position query must not hold the projector's next batch back
 FAILED = Counter("orders_projector_announcements_failed", "Commit announcements that could not be sent")
 
 
@@ -56,7 +58,8 @@ class Announcer:
             nc = self._client()
             if nc is None or nc.is_closed:
                 raise ConnectionError("no NATS connection")
-            await nc.publish(self._subject, Announcement(await self._position(), changes, self._missed).encode())
+            position = await asyncio.wait_for(self._position(), POSITION_TIMEOUT)
+            await nc.publish(self._subject, Announcement(position, changes, self._missed).encode())
             self._missed, self._last_sent = False, time.monotonic()
         except Exception as exc:
             if not self._missed:
@@ -84,9 +87,10 @@ class Announcer:
         try:
             cur = await self._conn.execute("SELECT pg_current_wal_insert_lsn()::text")
             row = await cur.fetchone()
-        except Exception:
+        except BaseException:  # a failure or the timeout: the next announcement connects anew
             with contextlib.suppress(Exception):
                 await self._conn.close()
+            self._conn = None
             raise
         assert row is not None
         return parse_lsn(row[0])

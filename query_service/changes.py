@@ -136,10 +136,10 @@ class ChangeFeed:
 
     async def probe(self) -> str | None:
         """Health probe: None while following the projector's signals."""
-        if not self.connected.is_set():
-            return "change feed not connected to the read database"
         if self.standby and (self._nc is None or not self._nc.is_connected):
             return "change feed (on a standby) not connected to NATS, where the projector announces its commits"
+        if not self.connected.is_set():
+            return "change feed not connected to the read database"
         return None
 
     def _ready(self, backoff: Backoff) -> None:

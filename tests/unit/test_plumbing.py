@@ -155,3 +155,23 @@ def test_backoff_doubles_up_to_its_ceiling_and_starts_over_after_a_success() -> 
     assert [backoff.next() for _ in range(5)] == [0.2, 0.4, 0.8, 1.0, 1.0]
     backoff.reset()
     assert backoff.next() == 0.2
+
+
+def test_wal_positions_and_when_a_standby_has_replayed_enough() -> None:
+    from orders.read_changes import Announcement, format_lsn, parse_lsn, replayed_enough
+
+    assert parse_lsn("16/B374D848") == (0x16 << 32) | 0xB374D848
+    assert format_lsn(parse_lsn("16/B374D848")) == "16/B374D848"
+    with pytest.raises(ValueError):
+        parse_lsn("B374D848")
+    assert replayed_enough(1000, 1000) and not replayed_enough(999, 1000)
+    # An insert position just past a page header (the last record ended at the page's start): the
+    # standby's replay position stays at the page's start, which is enough.
+    page = 5 * 8192
+    assert replayed_enough(page, page + 24) and replayed_enough(page, page + 40)
+    assert not replayed_enough(page, page + 48) and not replayed_enough(page - 8, page + 24)
+    sent = Announcement(page + 100, [["order", "o", 2, 9, "c"]], resync=True)
+    assert Announcement.decode(sent.encode()) == sent
+    for bad in (b"{}", b"not json", b'{"lsn": "0/1", "changes": [["order"]]}'):
+        with pytest.raises(ValueError):
+            Announcement.decode(bad)
