@@ -303,16 +303,19 @@ def start_replica(
     data_dir = data_dir.resolve()
     if not (data_dir / "PG_VERSION").exists():
         data_dir.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
+        copied = subprocess.run(
             [
                 str(_postgres_bin() / "pg_basebackup"),
                 *("-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres", "-D", str(data_dir)),
                 *("--write-recovery-conf", "--wal-method=stream", "--checkpoint=fast"),
                 *([] if durable else ["--no-sync"]),
             ],
-            check=True,
             capture_output=True,
+            text=True,
+            check=False,
         )
+        if copied.returncode:
+            raise RuntimeError(f"pg_basebackup into {data_dir} failed: {copied.stderr.strip()}")
     conninfo = f"host=127.0.0.1 port={primary.port} user=postgres application_name={data_dir.name}"
     return start_postgres(data_dir, port, durable=durable, options={"primary_conninfo": conninfo})
 

@@ -162,14 +162,16 @@ async def _undrained(settings: Settings) -> dict[str, int]:
 
 
 SERVICE_NAMES = {"command_service": "CommandService", "query_service": "QueryService", "projector": "AdminService"}
+ADDRESSES = {  # module → (its gRPC address setting, its metrics address setting)
+    "command_service": ("command_addr", "command_metrics_addr"),
+    "query_service": ("query_addr", "query_metrics_addr"),
+    "projector": ("admin_addr", "projector_metrics_addr"),
+}
 
 
 def _address(module: str, settings: Settings, *, metrics: bool = False) -> str:
-    """Where module listens (gRPC, or its metrics) with settings."""
-    field = {"command_service": "command", "query_service": "query", "projector": "admin"}[module]
-    if metrics:
-        field = "projector" if module == "projector" else field
-    return str(getattr(settings, f"{field}_metrics_addr" if metrics else f"{field}_addr"))
+    """Where module listens with settings: its gRPC server, or its metrics."""
+    return str(getattr(settings, ADDRESSES[module][metrics]))
 
 
 def _serving_or_dead(address: str, processes: Iterable[Any]) -> bool:
