@@ -145,6 +145,7 @@ def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() ->
         "query-service",
         "query-service-replica",
         "projector",
+        "projector-p1",
     }
     dockerfile = (ROOT / "Dockerfile").read_text()
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
