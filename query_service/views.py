@@ -166,7 +166,8 @@ CHANGES_OF_CUSTOMER_SQL = (
     f"SELECT {_CHANGE_COLUMN_LIST} FROM order_changes WHERE customer_id = %s AND stream_seq > %s ORDER BY stream_seq"
 )
 POSITIONS_SQL = (  # one row per projector of a partitioned stream
-    "SELECT max(last_stream_seq), max(changes_kept_from) FROM projection_checkpoints HAVING count(*) > 0"
+    "SELECT max(last_stream_seq) AS applied, max(changes_kept_from) AS kept_from FROM projection_checkpoints"
+    " HAVING count(*) > 0"
 )
 ORDER_VERSIONS_SQL = "SELECT order_id, version FROM order_summaries WHERE order_id = ANY(%s)"
 PRODUCT_VERSIONS_SQL = "SELECT sku, version FROM product_views WHERE sku = ANY(%s)"

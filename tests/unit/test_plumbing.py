@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime
@@ -175,3 +176,14 @@ def test_wal_positions_and_when_a_standby_has_replayed_enough() -> None:
     for bad in (b"{}", b"not json", b'{"lsn": "0/1", "changes": [["order"]]}'):
         with pytest.raises(ValueError):
             Announcement.decode(bad)
+
+
+def test_a_replica_lagging_past_the_threshold_fails_projection_health() -> None:
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from query_service.__main__ import ProjectionProbe
+
+    lagging = SimpleNamespace(replica_lag_seconds=7.5, replica_lag_bytes=4096)
+    probe = ProjectionProbe(cast(Any, None), Settings(lag_alert_seconds=6.0), cast(Any, lagging))
+    assert asyncio.run(probe()) == "the read replica lags 4096 bytes / 7.5s behind the projector"
