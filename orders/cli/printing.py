@@ -132,6 +132,8 @@ def _print_fields(message: Any, indent: str = "") -> None:
         )
         if nested and field.message_type.name == "Money" and not repeated:
             print(f"{indent}{field.name}: {_price(value)}")
+        elif nested and repeated and not value:
+            print(f"{indent}{field.name}: (none)")
         elif nested:
             print(f"{indent}{field.name}:")
             for item in value if repeated else [value]:

@@ -116,7 +116,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             local_stack.wait_until(serving, 60, f"gRPC health SERVING on {address}")
 
         workers = settings.workers or available_cores()
-        each = f"({workers} worker processes)" if workers > 1 else ""
+        each = f"{workers} worker processes" if workers > 1 else ""
         for module, own, _, note in services:
             name = SERVICE_NAMES[module]
             notes = "  ".join(f"({n})" for n in (each if module != "projector" else "", note) if n)

@@ -114,6 +114,30 @@ def test_fields_print_in_the_order_the_proto_declares_whatever_their_values(caps
         assert [line.split(":")[0] for line in printed(capsys, lag)] == declared
 
 
+def test_partitions_print_as_items_or_none(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = printed(capsys, admin_pb2.GetProjectionLagResponse())
+    assert lines[-1] == "partitions: (none)"
+    partitioned = admin_pb2.GetProjectionLagResponse(
+        partitions=[
+            admin_pb2.PartitionLag(partition=0, consumer="orders-projector-p0", lag_events=3, lag_seconds=0.5),
+            admin_pb2.PartitionLag(partition=1, consumer="orders-projector-p1"),
+        ]
+    )
+    assert printed(capsys, partitioned)[-11:] == [
+        "partitions:",
+        "  - partition: 0",
+        "    consumer: orders-projector-p0",
+        "    lag_events: 3",
+        "    lag_seconds: 0.5",
+        "    ack_pending: 0",
+        "  - partition: 1",
+        "    consumer: orders-projector-p1",
+        "    lag_events: 0",
+        "    lag_seconds: 0.0",
+        "    ack_pending: 0",
+    ]
+
+
 def test_rebuild_progress_is_one_line_per_step(capsys: pytest.CaptureFixture[str]) -> None:
     steps = [
         admin_pb2.RebuildReadModelResponse(replayed=256, target_sequence=600),
