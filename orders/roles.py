@@ -41,10 +41,10 @@ async def _database(conn: psycopg.AsyncConnection[Any]) -> sql.Identifier:
 async def apply(settings: Settings) -> None:
     """Create or update the three roles and grant each exactly what its service needs."""
     command, projector, query = sql.Identifier(COMMAND), sql.Identifier(PROJECTOR), sql.Identifier(QUERY)
+    # Roles belong to a PostgreSQL server, not to a database: each side's are made on its own server
+    # (the write and read databases may live on two; on one, the second pass finds the roles made).
     async with await psycopg.AsyncConnection.connect(libpq_url(settings.write_database_url), autocommit=True) as conn:
         await _ensure_role(conn, COMMAND, settings.command_db_password)
-        await _ensure_role(conn, PROJECTOR, settings.projector_db_password)
-        await _ensure_role(conn, QUERY, settings.query_db_password)
         database = await _database(conn)
         for statement in (
             "REVOKE ALL ON DATABASE {db} FROM PUBLIC",
@@ -57,6 +57,8 @@ async def apply(settings: Settings) -> None:
         ):
             await conn.execute(sql.SQL(statement).format(db=database, command=command))
     async with await psycopg.AsyncConnection.connect(libpq_url(settings.read_database_url), autocommit=True) as conn:
+        await _ensure_role(conn, PROJECTOR, settings.projector_db_password)
+        await _ensure_role(conn, QUERY, settings.query_db_password)
         database = await _database(conn)
         tables = await (await conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")).fetchall()
         for statement in (

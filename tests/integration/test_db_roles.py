@@ -119,3 +119,27 @@ def test_settings_point_the_query_service_at_its_own_url() -> None:
     assert Settings(read_database_url="postgresql://a@h/r").query_database == "postgresql://a@h/r"
     with pytest.raises(ValueError):
         Settings.from_env({"ORDERS_QUERY_DATABASE_URL": "mysql://x"}).query_database  # noqa: B018
+
+
+def test_roles_are_made_on_each_server_when_the_write_and_read_databases_live_on_two(
+    infra: Infra, tmp_path: Path
+) -> None:
+    read_server = local_stack.start_postgres(tmp_path / "read-server", durable=False)
+    try:
+        admin = replace(
+            isolated_settings(infra),
+            read_database_url=read_server.url("orders_read"),
+            command_db_password="pw-orders_command",
+            projector_db_password="pw-orders_projector",
+            query_db_password="pw-orders_query",
+        )
+        asyncio.run(migrate(admin))
+        asyncio.run(roles.apply(admin))
+        write, read = admin.write_database_url, admin.read_database_url
+        assert not denied(as_role(write, roles.COMMAND), "SELECT count(*) FROM outbox")
+        assert not denied(as_role(read, roles.PROJECTOR), "SELECT count(*) FROM projection_checkpoints")
+        assert not denied(as_role(read, roles.QUERY), "SELECT count(*) FROM order_summaries")
+        assert denied(as_role(read, roles.COMMAND), "SELECT 1")  # not even made on the read server
+        assert owned_by(read, roles.PROJECTOR) > 0
+    finally:
+        read_server.stop()
