@@ -41,7 +41,7 @@ class Announcer:
         self._client = client
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._missed = False
-        self._last_sent = 0.0  # monotonic time of the last announcement sent
+        self._last_attempt = 0.0  # monotonic time of the last announcement sent or tried
         self._one_at_a_time = asyncio.Lock()  # a position read before a failure is never sent after it
 
     def resync(self) -> None:
@@ -60,19 +60,22 @@ class Announcer:
                 raise ConnectionError("no NATS connection")
             position = await asyncio.wait_for(self._position(), POSITION_TIMEOUT)
             await nc.publish(self._subject, Announcement(position, changes, self._missed).encode())
-            self._missed, self._last_sent = False, time.monotonic()
+            self._missed = False
         except Exception as exc:
             if not self._missed:
                 log.warning("cannot announce a commit to the query services (%s); the next announcement resyncs", exc)
             FAILED.inc()
             self._missed = True
+        finally:
+            self._last_attempt = time.monotonic()
 
     async def run_idle(self) -> None:
-        """Announce the position every IDLE_INTERVAL while nothing else was announced, until cancelled."""
+        """Announce the position every IDLE_INTERVAL while nothing else was announced (or tried: a database
+        or NATS that is down is not asked more often than that), until cancelled."""
         try:
             while True:
-                await asyncio.sleep(max(IDLE_INTERVAL - (time.monotonic() - self._last_sent), 0.05))
-                if time.monotonic() - self._last_sent >= IDLE_INTERVAL:
+                await asyncio.sleep(max(IDLE_INTERVAL - (time.monotonic() - self._last_attempt), 0.05))
+                if time.monotonic() - self._last_attempt >= IDLE_INTERVAL:
                     await self.announce([])
         finally:
             if self._conn is not None:
