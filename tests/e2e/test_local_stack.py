@@ -53,6 +53,11 @@ class Up:
             local_stack.stop_process(self.proc)  # no-op when it already exited
 
 
+def skip_unless_embedded() -> None:
+    if os.environ.get("ORDERS_TEST_BACKEND", "embedded") != "embedded":
+        pytest.skip("orders up starts the embedded servers; this backend provides its own")
+
+
 def without_orders_variables() -> dict[str, str]:
     """The environment of a second terminal: no ORDERS_* variable at all."""
     return {name: value for name, value in os.environ.items() if not name.startswith("ORDERS_")}
@@ -86,8 +91,7 @@ def pid_alive(pid: int) -> bool:
 def test_up_serves_a_second_terminal_stops_on_ctrl_c_and_keeps_data(tmp_path: Path) -> None:
     """As the README has it: `orders up` in one terminal, every other command in another one, in the same
     directory and with no ORDERS_* variable set: they find the stack through its endpoints file."""
-    if os.environ.get("ORDERS_TEST_BACKEND", "embedded") != "embedded":
-        pytest.skip("orders up starts the embedded servers; this backend provides its own")
+    skip_unless_embedded()
     addresses = {f"ORDERS_{name.upper()}": address for name, address in local_stack.free_addresses().items()}
     env = {**without_orders_variables(), **addresses}  # free ports instead of the defaults, for `up` alone
 
@@ -145,8 +149,7 @@ def test_up_serves_a_second_terminal_stops_on_ctrl_c_and_keeps_data(tmp_path: Pa
 
 
 def test_up_runs_query_services_on_read_replicas_and_partitioned_projectors(tmp_path: Path) -> None:
-    if os.environ.get("ORDERS_TEST_BACKEND", "embedded") != "embedded":
-        pytest.skip("orders up starts the embedded servers; this backend provides its own")
+    skip_unless_embedded()
     addresses = {f"ORDERS_{name.upper()}": address for name, address in local_stack.free_addresses().items()}
     env = {**without_orders_variables(), **addresses, "ORDERS_WORKERS": "1"}
     for run in (1, 2):  # the second run finds the replicas' data and the primary on another port
