@@ -22,7 +22,7 @@ from orders.v1 import commands_pb2_grpc, queries_pb2_grpc
 from tests.support import Infra, Stack, isolated_settings, migrate
 
 TESTS = Path(__file__).parent
-LAYERS = ("unit", "integration", "e2e", "fault")  # the folders under tests/, each a marker of its own
+LAYERS = ("unit", "integration", "e2e", "fault", "containers")  # the folders under tests/, each a marker of its own
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

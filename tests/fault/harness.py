@@ -91,10 +91,16 @@ class Client:
         addresses: list[str],
         metadata: tuple[tuple[str, str], ...] = (),
         retryable: tuple[grpc.StatusCode, ...] = RETRYABLE,
+        credentials: grpc.ChannelCredentials | None = None,  # TLS; plaintext without
     ) -> None:
         self.metadata = metadata  # e.g. the bearer token, when the system requires one
         self.retryable = retryable
-        self.channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
+        self.channels = [
+            grpc.secure_channel(a, credentials, options=CHANNEL_OPTIONS)
+            if credentials
+            else grpc.insecure_channel(a, options=CHANNEL_OPTIONS)
+            for a in addresses
+        ]
         self.stubs = [commands_pb2_grpc.CommandServiceStub(c) for c in self.channels]
         self.ledger: list[Command] = []
         self._lock = threading.Lock()
@@ -399,12 +405,14 @@ def expected_orders(ledger: list[Command]) -> dict[str, DbOrder]:
 
 
 def expected_stock(ledger: list[Command], skus: list[str]) -> dict[str, int]:
-    """Initial stock minus what the ledger's live (not cancelled) orders reserve."""
+    """Initial stock of skus minus what the ledger's live (not cancelled) orders reserve of them (other
+    products' orders may share the ledger)."""
     stock = dict.fromkeys(skus, INITIAL_STOCK)
     for order in expected_orders(ledger).values():
         if order.status == "PLACED":
             for sku, quantity in order.lines:
-                stock[sku] -= quantity
+                if sku in stock:
+                    stock[sku] -= quantity
     return stock
 
 

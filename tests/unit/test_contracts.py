@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -80,17 +81,17 @@ def test_imports_run_one_way_from_each_service_to_the_shared_package(package: st
 
 
 def test_compose_runs_real_cli_commands_and_nats_config_is_valid() -> None:
-    import re
-
     from orders.cli import build_parser
     from orders.local_stack import nats_server_binary
 
     compose = (ROOT / "docker-compose.yml").read_text()
     commands = re.findall(r'command: \["([a-z-]+)"\]', compose)
-    assert set(commands) == {"migrate", "command-service", "query-service", "projector"}
+    assert set(commands) == {"migrate", "create-roles", "command-service", "query-service", "projector"}
     for command in commands:
         build_parser().parse_args([command])
-    for address in re.findall(r'"orders", "health", "([0-9.:]+)"', compose):
+    health_checks = re.findall(r'"orders", "health", "([0-9.:]+)"', compose)
+    assert len(health_checks) == 5
+    for address in health_checks:
         build_parser().parse_args(["health", address])
     result = subprocess.run(
         [nats_server_binary(), "-t", "-c", str(ROOT / "deploy" / "nats-server.conf")],
@@ -102,6 +103,10 @@ def test_compose_runs_real_cli_commands_and_nats_config_is_valid() -> None:
 
 
 COMPOSE_SECRETS = {
+    "ORDERS_POSTGRES_PASSWORD": "postgres-secret",
+    "ORDERS_COMMAND_DB_PASSWORD": "command-db-secret",
+    "ORDERS_PROJECTOR_DB_PASSWORD": "projector-db-secret",
+    "ORDERS_QUERY_DB_PASSWORD": "query-db-secret",
     "ORDERS_NATS_COMMAND_PASSWORD": "command-secret",
     "ORDERS_NATS_PROJECTOR_PASSWORD": "projector-secret",
     "ORDERS_NATS_QUERY_PASSWORD": "query-secret",
@@ -117,10 +122,11 @@ def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() ->
         pytest.skip("docker-compose not installed (Debian package docker-compose; .ci/run installs it)")
     compose = ROOT / "docker-compose.yml"
     env = {**os.environ, **COMPOSE_SECRETS}
-    checked = subprocess.run(
-        [docker_compose, "-f", str(compose), "config", "-q"], capture_output=True, text=True, env=env
-    )
-    assert checked.returncode == 0, checked.stderr
+    for override in ([], ["-f", str(ROOT / "deploy" / "host-network.yml")]):
+        checked = subprocess.run(
+            [docker_compose, "-f", str(compose), *override, "config", "-q"], capture_output=True, text=True, env=env
+        )
+        assert checked.returncode == 0, checked.stderr
     listed = subprocess.run(
         [docker_compose, "-f", str(compose), "config", "--services"],
         capture_output=True,
@@ -141,6 +147,7 @@ def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() ->
         "postgres-read-replica",
         "nats",
         "migrate",
+        "create-roles",
         "command-service",
         "query-service",
         "query-service-replica",
@@ -151,6 +158,31 @@ def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() ->
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert 'ENTRYPOINT ["orders"]' in dockerfile and scripts["orders"] == "orders.cli:main"
     assert "\nUSER orders" in dockerfile  # not root
+    assert "pip install --no-deps -r requirements.lock" in dockerfile  # exact versions, nothing resolved
+    exposed = {int(port) for port in re.findall(r"^EXPOSE (.+)$", dockerfile, re.M)[0].split()}
+    for setting in ("COMMAND_ADDR", "QUERY_ADDR", "ADMIN_ADDR", "COMMAND_METRICS_ADDR", "QUERY_METRICS_ADDR",
+                    "PROJECTOR_METRICS_ADDR"):  # fmt: skip
+        port = re.search(rf"ORDERS_{setting}: 0\.0\.0\.0:(\d+)", compose.read_text())
+        assert port and int(port.group(1)) in exposed, setting
+
+
+def test_lock_file_pins_every_runtime_dependency_within_its_bounds() -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"requirements.lock: {line!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        requirement = Requirement(spec)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in requirements.lock: run python -m scripts.lock"
+        assert requirement.specifier.contains(pins[name]), f"requirements.lock pins {name} {pins[name]}, needs {spec}"
 
 
 @pytest.mark.parametrize(
