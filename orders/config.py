@@ -85,6 +85,14 @@ def _parse_choice(*choices: str):  # type: ignore[no-untyped-def]
     return parse
 
 
+def _parse_origins(value: str) -> tuple[str, ...]:
+    origins = tuple(part.strip().rstrip("/") for part in value.split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+    return origins
+
+
 def _setting(default: Any, parse: Any, doc: str, *, secret: bool = False) -> Any:
     return field(default=default, metadata={"parse": parse, "doc": doc, "secret": secret})
 
@@ -144,6 +152,15 @@ class Settings:
     )
     admin_addr: str = _setting(
         "127.0.0.1:50053", _parse_address, "AdminService (projector operations and health) listen address."
+    )
+    gateway_addr: str = _setting(
+        "127.0.0.1:8080", _parse_address, "HTTP listen address of the gateway (Connect/JSON API and console)."
+    )
+    gateway_cors_origins: tuple[str, ...] = _setting(
+        (),
+        _parse_origins,
+        "Comma-separated browser origins allowed to call the gateway (CORS), e.g. https://shop.example; "
+        "empty: none (same origin only).",
     )
     stream: str = _setting("ORDERS_EVENTS", str, "JetStream stream holding the events.")
     stream_replicas: int = _setting(1, _parse_positive_int, "Replicas of the stream (3 in a cluster).")

@@ -25,6 +25,7 @@ FIELDS = (
     "command_addr",
     "query_addr",
     "admin_addr",
+    "gateway_addr",
     "command_metrics_addr",
     "query_metrics_addr",
     "projector_metrics_addr",

@@ -1,6 +1,7 @@
-"""Generate the Python code (messages, gRPC stubs, .pyi) for protos/ into orders/v1/.
+"""Generate the Python code (messages, gRPC stubs, .pyi, Connect services and clients) for protos/ into
+orders/v1/.
 
-Usage: python -m scripts.gen_protos           # write orders/v1/*_pb2*.py(i)
+Usage: python -m scripts.gen_protos           # write orders/v1/*_pb2*.py(i), orders/v1/*_connect.py
        python -m scripts.gen_protos --check   # exit 1 when orders/v1 differs from what would be made
 """
 
@@ -10,6 +11,7 @@ import argparse
 import filecmp
 import re
 import sys
+import sysconfig
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -37,6 +39,9 @@ def generate(out_root: Path) -> list[Path]:
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
+        f"--plugin=protoc-gen-connectrpc={Path(sysconfig.get_path('scripts')) / 'protoc-gen-connectrpc'}",
+        f"--connectrpc_out={out_root}",
+        "--connectrpc_opt=protobuf=google",  # messages from protoc's python_out, not protobuf-py
         *protos,
     ]
     if protoc.main(args) != 0:

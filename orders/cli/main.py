@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("command-service", "command_service", "run the CommandService (with its outbox relay)"),
         ("query-service", "query_service", "run the QueryService"),
         ("projector", "projector", "run the projector"),
+        ("gateway", "orders.gateway", "run the HTTP/JSON gateway (Connect protocol) and the operator console"),
     ):
         add(name, run_module(module), text, local=False)
     add("migrate", cmd_migrate, "create the databases and tables that are missing")

@@ -1,4 +1,4 @@
-"""`orders up`: PostgreSQL, NATS and the three services on this machine, supervised until Ctrl-C."""
+"""`orders up`: PostgreSQL, NATS, the three services and the gateway on this machine, supervised until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import dataclasses
 import functools
+import importlib.util
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -115,12 +117,16 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
             serving = functools.partial(_serving_or_dead, address, started)
             local_stack.wait_until(serving, 60, f"gRPC health SERVING on {address}")
 
+        gateway = _start_gateway(settings, logs, started)
+
         workers = settings.workers or available_cores()
         each = f"{workers} worker processes" if workers > 1 else ""
         for module, own, _, note in services:
             name = SERVICE_NAMES[module]
             notes = "  ".join(f"({n})" for n in (each if module != "projector" else "", note) if n)
             print(f"{name:<15} {_address(module, own)}" + (f"  {notes}" if notes else ""))
+        if gateway:
+            print(f"{'Gateway':<15} {gateway}  (console; the gRPC contracts over HTTP/JSON, Connect protocol)")
         metrics = [_address(module, own, metrics=True) for module, own, _, _ in services]
         print("metrics         " + "  ".join(f"http://{a}/metrics" for a in metrics))
         written = endpoints.write(data_dir, settings)
@@ -149,6 +155,26 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         print("stopped")
 
 
+def _start_gateway(settings: Settings, logs: Path, started: list[local_stack.ManagedProcess]) -> str | None:
+    """The HTTP/JSON gateway and console, when its extra (orders-cqrs[gateway]) is installed; its URL."""
+    if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("connectrpc") is None:
+        print("gateway not started: install orders-cqrs[gateway] for the HTTP/JSON API and the console")
+        return None
+    started.append(local_stack.start_service("orders.gateway", settings.to_env(), logs))
+    url = f"http://{settings.gateway_addr}"
+    local_stack.wait_until(functools.partial(_http_or_dead, f"{url}/api/health", started), 30, f"gateway on {url}")
+    return url + "/"
+
+
+def _http_or_dead(url: str, processes: Iterable[Any]) -> bool:
+    _none_dead(processes)
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
 async def _undrained(settings: Settings) -> dict[str, int]:
     try:
         nc = await jetstream.connect(settings, "orders-up", retry_forever=False)
@@ -175,7 +201,11 @@ def _address(module: str, settings: Settings, *, metrics: bool = False) -> str:
 
 
 def _serving_or_dead(address: str, processes: Iterable[Any]) -> bool:
+    _none_dead(processes)
+    return local_stack.grpc_serving(address)
+
+
+def _none_dead(processes: Iterable[Any]) -> None:
     for proc in processes:
         if not proc.alive():
             raise RuntimeError(f"{proc.name} exited during start-up:\n{proc.log_tail()}")
-    return local_stack.grpc_serving(address)

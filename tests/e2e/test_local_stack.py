@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,10 @@ def test_up_serves_a_second_terminal_stops_on_ctrl_c_and_keeps_data(tmp_path: Pa
     first = Up(tmp_path, env)
     try:
         assert addresses["ORDERS_COMMAND_ADDR"] in first.text() and addresses["ORDERS_QUERY_ADDR"] in first.text()
+        gateway = f"http://{addresses['ORDERS_GATEWAY_ADDR']}"
+        assert f"Gateway         {gateway}/" in first.text()
+        with urllib.request.urlopen(f"{gateway}/api/health", timeout=10) as answer:  # the console's health
+            assert set(json.load(answer).values()) == {"SERVING"}
         cli(tmp_path, "upsert-product", "LAMP-1", "--name", "Desk lamp", "--price-minor", "2599", "--currency", "EUR")
         cli(tmp_path, "update-inventory", "LAMP-1", "--set", "5")
         placed = cli(tmp_path, "place-order", "--customer", "carol", "--line", "LAMP-1:1")
