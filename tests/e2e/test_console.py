@@ -50,9 +50,10 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def console(infra: Infra, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, object]]:
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     executable = chromium()
+    expect.set_options(timeout=WAIT_MS)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log_dir = tmp_path_factory.mktemp("console")
     with gateway_system(infra, log_dir, max_deliver=3, retry_backoff=(0.2,)) as gateway, sync_playwright() as p:
@@ -143,3 +144,10 @@ def test_a_dead_letter_appears_and_is_gone_after_its_replay(console: tuple[Gatew
     row.get_by_role("button", name="replay").click()
     expect(row).to_have_count(0)
     shot(page, "5-replayed")
+
+    junk = f"J-{uuid.uuid4().hex[:6]}"  # an event that can never be read: dead at once; discarded
+    publish(gateway, OutgoingEvent(str(uuid.uuid4()), f"orders.v1.events.product.{junk}", {}, b"\xff\x00 not protobuf"))
+    row = page.locator("#dead-letter-rows tr", has_text=junk)  # type: ignore[attr-defined]
+    expect(row).to_contain_text("permanent")
+    row.get_by_role("button", name="discard").click()
+    expect(row).to_have_count(0)

@@ -166,20 +166,21 @@ async function watch(customerId, signal) {
 
 // ---- products ----------------------------------------------------------------------------------------
 
-async function loadProducts() {
-  const body = $("#product-rows");
+// Fill a table body with one row per item that load() returns; a failure shows as one row saying why.
+async function fillTable(body, columns, load, render) {
   try {
-    const { products = [] } = await call("QueryService", "ListProducts", { pageSize: 100 });
+    const items = await load();
     body.replaceChildren();
-    for (const p of products) {
-      const row = body.insertRow();
-      for (const text of [p.sku, p.name, money(p.unitPrice), p.stock || "0"]) cell(row, text);
-    }
+    for (const item of items) render(body.insertRow(), item);
   } catch (error) {
     body.replaceChildren();
-    cell(body.insertRow(), error.message).colSpan = 4;
+    cell(body.insertRow(), error.message).colSpan = columns;
   }
 }
+
+const loadProducts = () => fillTable($("#product-rows"), 4,
+  async () => (await call("QueryService", "ListProducts", { pageSize: 100 })).products || [],
+  (row, p) => { for (const text of [p.sku, p.name, money(p.unitPrice), p.stock || "0"]) cell(row, text); });
 $("#products-refresh").addEventListener("click", loadProducts);
 
 // ---- projection lag chart, dead letters ----------------------------------------------------------------
@@ -209,33 +210,28 @@ async function sampleLag() {
     `${(600 * (1 - (now - s.at) / WINDOW_MS)).toFixed(1)},${(155 - 150 * s.events / top).toFixed(1)}`).join(" "));
 }
 
-async function loadDeadLetters() {
-  const body = $("#dead-letter-rows");
-  try {
-    const { deadLetters = [] } = await call("AdminService", "ListDeadLetters", { pageSize: 100 });
-    body.replaceChildren();
-    for (const d of deadLetters) {
-      const row = body.insertRow();
-      row.dataset.id = d.id;
-      cell(row, d.id, "id");
-      cell(row, `${d.aggregateType} ${d.aggregateId}`);
-      cell(row, d.aggregateVersion);
-      cell(row, d.reason);
-      cell(row, d.deliveries);
-      const actions = row.insertCell();
-      for (const [label, action] of [["show", showDeadLetter], ["replay", replayDeadLetter], ["discard", discardDeadLetter]]) {
-        const button = document.createElement("button");
-        button.type = "button";
-        button.textContent = label;
-        button.addEventListener("click", () => action(d.id).catch((error) => alert(error.message)));
-        actions.append(button);
-      }
+const loadDeadLetters = () => fillTable($("#dead-letter-rows"), 6,
+  async () => (await call("AdminService", "ListDeadLetters", { pageSize: 100 })).deadLetters || [],
+  (row, d) => {
+    row.dataset.id = d.id;
+    cell(row, d.id, "id");
+    cell(row, `${d.aggregateType} ${d.aggregateId}`);
+    cell(row, d.aggregateVersion);
+    cell(row, d.reason);
+    cell(row, d.deliveries);
+    const actions = row.insertCell();
+    for (const [label, action] of [
+      ["show", () => showDeadLetter(d.id)],
+      ["replay", () => settleDeadLetter("ReplayDeadLetters", d.id)],
+      ["discard", () => settleDeadLetter("DiscardDeadLetters", d.id)],
+    ]) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = label;
+      button.addEventListener("click", () => action().catch((error) => alert(error.message)));
+      actions.append(button);
     }
-  } catch (error) {
-    body.replaceChildren();
-    cell(body.insertRow(), error.message).colSpan = 6;
-  }
-}
+  });
 
 async function showDeadLetter(id) {
   const { deadLetter } = await call("AdminService", "GetDeadLetter", { id: String(id) });
@@ -244,15 +240,11 @@ async function showDeadLetter(id) {
   detail.hidden = false;
 }
 
-async function replayDeadLetter(id) {
-  await call("AdminService", "ReplayDeadLetters", { ids: [String(id)] });
+// Replay or discard one dead letter, then show the list as it is now.
+async function settleDeadLetter(method, id) {
+  await call("AdminService", method, { ids: [String(id)] });
   $("#dead-letter-detail").hidden = true;
-  await loadDeadLetters();
-}
-
-async function discardDeadLetter(id) {
-  await call("AdminService", "DiscardDeadLetters", { ids: [String(id)] });
-  $("#dead-letter-detail").hidden = true;
+  deadLetterCount = null;  // the next lag sample reloads the list whatever the count is then
   await loadDeadLetters();
 }
 $("#dead-letters-refresh").addEventListener("click", loadDeadLetters);
