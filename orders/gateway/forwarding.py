@@ -28,6 +28,7 @@ from protobuf.wkt import Any as WireAny
 PASSED_HEADERS = ("authorization", "x-correlation-id", "traceparent")
 RETURNED_METADATA = ("x-correlation-id",)
 DETAILS_KEY = "grpc-status-details-bin"
+CONNECT_SPELLING = {"CANCELLED": "CANCELED"}  # the one code Connect names differently from gRPC
 
 
 def method_attribute(name: str) -> str:
@@ -37,7 +38,8 @@ def method_attribute(name: str) -> str:
 
 def connect_error(error: grpc.aio.AioRpcError) -> ConnectError:
     """The Connect error that says what the gRPC error says, details included."""
-    code = Code[error.code().name] if error.code().name in Code.__members__ else Code.UNKNOWN
+    name = CONNECT_SPELLING.get(error.code().name, error.code().name)
+    code = Code[name] if name in Code.__members__ else Code.UNKNOWN
     details = []
     for key, value in error.trailing_metadata() or ():
         if key == DETAILS_KEY and isinstance(value, bytes):
