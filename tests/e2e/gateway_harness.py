@@ -75,11 +75,16 @@ def start_gateway(settings: Settings, log_dir: Path) -> local_stack.ManagedProce
 
 @contextlib.contextmanager
 def gateway_system(infra: Infra, log_dir: Path, **overrides: Any) -> Iterator[Gateway]:
-    """A system of its own with tokens required (the CLI's token is OPS), and the gateway in front of it."""
-    settings = isolated_settings(infra, auth="on", auth_tokens=TOKENS, client_token=OPS, **overrides)
-    asyncio.run(migrate(settings))
+    """A system of its own with tokens required (the CLI's token is OPS), and the gateway in front of it;
+    on a nats-server of its own (its stream takes the event subjects, which the session's stream holds on
+    the shared one)."""
+    nats = local_stack.start_nats(log_dir / "nats")
     processes: dict[str, local_stack.ManagedProcess] = {}
     try:
+        settings = isolated_settings(
+            infra, nats_url=nats.url, auth="on", auth_tokens=TOKENS, client_token=OPS, **overrides
+        )
+        asyncio.run(migrate(settings))
         for module in local_stack.SERVICES:
             processes[module] = start_serving(module, settings, log_dir)
         processes["gateway"] = start_gateway(settings, log_dir)
@@ -87,6 +92,7 @@ def gateway_system(infra: Infra, log_dir: Path, **overrides: Any) -> Iterator[Ga
     finally:
         for proc in reversed(processes.values()):
             proc.stop()
+        nats.stop()
 
 
 def add_product(gateway: Gateway, sku: str, stock: int = 100) -> None:
