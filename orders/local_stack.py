@@ -459,3 +459,12 @@ def grpc_health(address: str, service: str = "", timeout: float = 1.0) -> str | 
 def grpc_serving(address: str, timeout: float = 1.0) -> bool:
     """True when the gRPC health service at address answers SERVING."""
     return grpc_health(address, timeout=timeout) == "SERVING"
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when a GET of url answers 200 (the gateway's /api/health)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False

@@ -10,7 +10,6 @@ import importlib.util
 import signal
 import sys
 import time
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -168,11 +167,7 @@ def _start_gateway(settings: Settings, logs: Path, started: list[local_stack.Man
 
 def _http_or_dead(url: str, processes: Iterable[Any]) -> bool:
     _none_dead(processes)
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
+    return local_stack.http_ok(url)
 
 
 async def _undrained(settings: Settings) -> dict[str, int]:

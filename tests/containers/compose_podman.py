@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from orders import local_stack
 from tests.support import eventually
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -147,15 +148,19 @@ class ComposeOnPodman:
 
     # ---- state ----------------------------------------------------------------------------------
 
-    def state(self, service: str) -> dict[str, Any]:
-        found: dict[str, Any] = json.loads(podman("inspect", self.container(service)).stdout)[0]["State"]
+    def inspect(self, service: str) -> dict[str, Any]:
+        found: dict[str, Any] = json.loads(podman("inspect", self.container(service)).stdout)[0]
         return found
+
+    def state(self, service: str) -> dict[str, Any]:
+        state: dict[str, Any] = self.inspect(service)["State"]
+        return state
 
     def pid(self, service: str) -> int:
         return int(self.state(service)["Pid"])
 
     def restarts(self, service: str) -> int:
-        return int(json.loads(podman("inspect", self.container(service)).stdout)[0].get("RestartCount", 0))
+        return int(self.inspect(service).get("RestartCount", 0))
 
     def logs(self, service: str, tail: int = 40) -> str:
         done = podman("logs", "--tail", str(tail), self.container(service), check=False)
@@ -187,19 +192,17 @@ class ComposeOnPodman:
         check = self.spec(service)["healthcheck"]
         start_period = seconds(check.get("start_period"), 0.0)
         give_up = start_period + seconds(check.get("interval"), 30.0) * int(check.get("retries", 3))
-        started = time.monotonic()
-        while not self.healthy(service):
-            if time.monotonic() - started > give_up:
-                raise AssertionError(f"{service} unhealthy after {give_up:.0f} s\n{self.logs(service)}")
-            time.sleep(0.5)
+        self._wait(lambda: self.healthy(service), give_up, f"{service} healthy", service)
 
     def wait_completed(self, service: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def exited_0() -> bool:
             state = self.state(service)
-            if state["Status"] == "exited" and state["ExitCode"] == 0:
-                return
-            if time.monotonic() > deadline:
-                status = f"{state['Status']} ({state['ExitCode']})"
-                raise AssertionError(f"{service} did not complete successfully: {status}\n{self.logs(service)}")
-            time.sleep(0.5)
+            return bool(state["Status"] == "exited" and state["ExitCode"] == 0)
+
+        self._wait(exited_0, timeout, f"{service} completed successfully", service)
+
+    def _wait(self, condition: Callable[[], bool], timeout: float, what: str, service: str) -> None:
+        try:
+            local_stack.wait_until(condition, timeout, what, interval=0.5)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.logs(service)}") from None

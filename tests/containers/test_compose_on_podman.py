@@ -236,7 +236,8 @@ def test_killed_containers_restart_and_nothing_is_lost(deployment: Deployment) -
             os.kill(runner.pid(service), signal.SIGKILL)  # a crash, not a stop: the restart policy applies
 
             def restarted(service: str = service, before: int = restarts) -> bool:
-                return runner.restarts(service) > before and bool(runner.state(service)["Running"])
+                found = runner.inspect(service)
+                return int(found.get("RestartCount", 0)) > before and bool(found["State"]["Running"])
 
             eventually(restarted, timeout=60, what=f"{service} restarted by its restart policy")
             runner.wait_healthy(service)

@@ -59,11 +59,7 @@ def start_gateway(settings: Settings, log_dir: Path) -> local_stack.ManagedProce
     def answers() -> bool:
         if not proc.alive():
             raise RuntimeError(f"gateway died:\n{proc.log_tail()}")
-        try:
-            with urllib.request.urlopen(f"http://{settings.gateway_addr}/api/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return local_stack.http_ok(f"http://{settings.gateway_addr}/api/health")
 
     try:
         local_stack.wait_until(answers, 30, "gateway answering")
