@@ -57,6 +57,7 @@ from orders.backoff import Backoff
 from orders.config import Settings
 from orders.db import libpq_url
 from orders.runtime import Throttle
+from orders.waits import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +183,7 @@ class OutboxRelay:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.relay_poll_interval
         while (remaining := deadline - loop.time()) > 0:
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
+            if not await wait_event(self._wake, remaining):
                 return
             self._wake.clear()
             if self.is_leader:

@@ -58,7 +58,8 @@ class Announcer:
             nc = self._client()
             if nc is None or nc.is_closed:
                 raise ConnectionError("no NATS connection")
-            position = await asyncio.wait_for(self._position(), POSITION_TIMEOUT)
+            async with asyncio.timeout(POSITION_TIMEOUT):  # not wait_for: see orders.waits
+                position = await self._position()
             await nc.publish(self._subject, Announcement(position, changes, self._missed).encode())
             self._missed = False
         except Exception as exc:

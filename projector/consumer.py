@@ -53,6 +53,7 @@ from orders.db import driver_transaction, is_unavailable
 from orders.events import HEADER_CORRELATION_ID, HEADER_TRACEPARENT, UndecodableEvent, parse_event, stored_subjects
 from orders.outbox_report import OutboxReport
 from orders.read_model import CHANGES_CHANNEL, projection_name
+from orders.waits import wait_event
 from projector import dead_letters
 from projector.announcer import Announcer
 from projector.projections import (
@@ -502,8 +503,7 @@ class Projector:
                 if not was_down:
                     log.warning("read database unavailable (%s); holding the batch until it answers", exc)
                 was_down = True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), recheck.next())
+            await wait_event(self._stopping, recheck.next())
         return False
 
     async def _retry_later(self, msgs: list[Msg], exc: Exception) -> None:

@@ -36,6 +36,7 @@ from orders.consistency import Versions
 from orders.db import libpq_url
 from orders.read_model import CHANGES_CHANNEL, RESYNC_PAYLOAD
 from orders.v1 import queries_pb2
+from orders.waits import wait_event
 from query_service.views import ReadModel
 
 log = logging.getLogger(__name__)
@@ -274,8 +275,7 @@ class ChangeFeed:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return False
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.event.wait(), remaining)
+                await wait_event(waiter.event, remaining)
         finally:
             self._waiters.discard(waiter)
 

@@ -98,9 +98,10 @@ def test_commands_reach_the_read_model_through_the_relay_and_the_projector_in_on
         finally:
             stop.set()
             running[0].cancel()
-            for task in running:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            async with asyncio.timeout(30):  # both stop when asked, whatever they were doing
+                for task in running:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await write.dispose()
             await read.dispose()
 

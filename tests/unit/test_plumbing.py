@@ -14,6 +14,7 @@ from orders.backoff import Backoff
 from orders.config import ConfigError, Settings
 from orders.events import EventContext, UndecodableEvent, build_event, parse_event
 from orders.v1 import events_pb2
+from orders.waits import wait_event
 from projector.consumer import NOTIFY_CHUNK_BYTES, change_payloads
 from projector.projections import Change, NeverApplicable, check_applicable
 
@@ -187,3 +188,46 @@ def test_a_replica_lagging_past_the_threshold_fails_projection_health() -> None:
     lagging = SimpleNamespace(replica_lag_seconds=7.5, replica_lag_bytes=4096)
     probe = ProjectionProbe(cast(Any, None), Settings(lag_alert_seconds=6.0), cast(Any, lagging))
     assert asyncio.run(probe()) == "the read replica lags 4096 bytes / 7.5s behind the projector"
+
+
+def test_a_task_cancelled_while_its_event_is_set_stops() -> None:
+    """The invariant of orders.waits: a waiter cancelled in the same turn as its event is set, or a few
+    turns later while still running, raises CancelledError instead of running on (asyncio.wait_for on
+    3.11 fails this). A waiter that finished before cancel() was called is not in question."""
+
+    async def cancel_after_set(turns: int) -> str:
+        event = asyncio.Event()
+
+        async def worker() -> str:
+            await wait_event(event, 30)
+            await asyncio.sleep(0)
+            return "ran on"
+
+        task = asyncio.create_task(worker())
+        await asyncio.sleep(0)  # the worker now waits on the event
+        event.set()
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        if not task.cancel():
+            return f"finished first: {await task}"
+        try:
+            return await task
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    async def scenario() -> list[str]:
+        return [await cancel_after_set(turns) for turns in range(4)]
+
+    outcomes = asyncio.run(scenario())
+    assert outcomes[0] == "cancelled" and "ran on" not in outcomes, outcomes
+    assert outcomes[-1] == "finished first: ran on", outcomes  # the scenario reaches the harmless case
+
+
+def test_wait_event_says_whether_the_event_came_before_the_deadline() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        event = asyncio.Event()
+        timed_out = await wait_event(event, 0.01)
+        asyncio.get_running_loop().call_soon(event.set)
+        return timed_out, await wait_event(event, 30)
+
+    assert asyncio.run(scenario()) == (False, True)
