@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from command_service.handlers import CommandHandlers
@@ -15,6 +14,7 @@ from orders.grpc_server import create_server, set_serving
 from orders.metrics import serve_metrics
 from orders.runtime import Workers, run_service, stop_event
 from orders.v1 import commands_pb2
+from orders.waits import cancel_and_wait
 
 log = logging.getLogger("command_service")
 SERVICE = commands_pb2.DESCRIPTOR.services_by_name["CommandService"]
@@ -54,9 +54,7 @@ async def serve(settings: Settings) -> None:
         health_task.cancel()
         await set_serving(health, [SERVICE.full_name], False)
         await server.stop(grace=5)
-        relay_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay_task
+        await cancel_and_wait(relay_task)
         await engine.dispose()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -16,6 +15,7 @@ from orders.grpc_server import create_server
 from orders.metrics import serve_metrics, set_projection_lag
 from orders.runtime import run_service, stop_event
 from orders.v1 import admin_pb2
+from orders.waits import cancel_and_wait
 from projector import lag
 from projector.admin import AdminService
 from projector.consumer import Projector
@@ -85,9 +85,7 @@ async def serve(settings: Settings) -> None:
         stop.set()
         await consumer
         for task in (health_task, chores):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await server.stop(grace=2)
         await engine.dispose()
         log.info("projector stopped after applying %d events", projector.applied_total)

@@ -53,7 +53,7 @@ from orders.db import driver_transaction, is_unavailable
 from orders.events import HEADER_CORRELATION_ID, HEADER_TRACEPARENT, UndecodableEvent, parse_event, stored_subjects
 from orders.outbox_report import OutboxReport
 from orders.read_model import CHANGES_CHANNEL, projection_name
-from orders.waits import wait_event
+from orders.waits import cancel_and_wait, wait_event
 from projector import dead_letters
 from projector.announcer import Announcer
 from projector.projections import (
@@ -275,9 +275,7 @@ class Projector:
                 if prefetch is not None:
                     prefetch.cancel()
         finally:
-            idle_announcements.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await idle_announcements
+            await cancel_and_wait(idle_announcements)
             await jetstream.close(nc)
 
     @staticmethod

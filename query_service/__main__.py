@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import sqlalchemy as sa
@@ -17,6 +16,7 @@ from orders.metrics import serve_metrics, set_projection_lag
 from orders.read_model import projection_checkpoints, projection_names
 from orders.runtime import Workers, run_service, stop_event
 from orders.v1 import queries_pb2
+from orders.waits import cancel_and_wait
 from query_service.changes import ChangeFeed
 from query_service.service import QueryService
 from query_service.views import ReadModel, create_pool
@@ -136,9 +136,7 @@ async def _serve(settings: Settings, engine: db.AsyncEngine, pool: AsyncConnecti
         await set_serving(health, [SERVICE.full_name], False)
         await server.stop(grace=2)
         for task in (feed_task, health_task):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ NATS. What a command decides reaches the read model, once, in version order."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,6 +18,7 @@ from orders.conversions import money
 from orders.db import libpq_url
 from orders.errors import FailedPrecondition
 from orders.v1 import commands_pb2
+from orders.waits import cancel_and_wait
 from projector.consumer import Projector
 from tests.support import Infra, assert_stream_matches_write_database, isolated_settings, migrate
 
@@ -61,7 +61,7 @@ def test_commands_reach_the_read_model_through_the_relay_and_the_projector_in_on
         handlers = CommandHandlers(write, on_commit=relay.wake)
         projector = Projector(settings, read)
         stop = asyncio.Event()
-        running = [asyncio.create_task(relay.run()), asyncio.create_task(projector.run(stop))]
+        relay_task, projector_task = asyncio.create_task(relay.run()), asyncio.create_task(projector.run(stop))
         try:
             ctx = context()
             upsert = commands_pb2.UpsertProductRequest(
@@ -97,11 +97,9 @@ def test_commands_reach_the_read_model_through_the_relay_and_the_projector_in_on
             await until(projected, 30, "the read model to show every command")
         finally:
             stop.set()
-            running[0].cancel()
-            async with asyncio.timeout(30):  # both stop when asked, whatever they were doing
-                for task in running:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+            async with asyncio.timeout(30):  # both stop when asked, as in the services
+                await cancel_and_wait(relay_task)
+                await projector_task
             await write.dispose()
             await read.dispose()
 

@@ -14,7 +14,7 @@ from orders.backoff import Backoff
 from orders.config import ConfigError, Settings
 from orders.events import EventContext, UndecodableEvent, build_event, parse_event
 from orders.v1 import events_pb2
-from orders.waits import wait_event
+from orders.waits import cancel_and_wait, wait_event
 from projector.consumer import NOTIFY_CHUNK_BYTES, change_payloads
 from projector.projections import Change, NeverApplicable, check_applicable
 
@@ -231,3 +231,45 @@ def test_wait_event_says_whether_the_event_came_before_the_deadline() -> None:
         return timed_out, await wait_event(event, 30)
 
     assert asyncio.run(scenario()) == (False, True)
+
+
+def test_cancel_and_wait_asks_again_until_a_worker_that_swallowed_its_cancel_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> tuple[bool, int]:
+        swallowed = 0
+
+        async def worker() -> None:
+            nonlocal swallowed
+            while True:
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:
+                    if swallowed:
+                        raise
+                    swallowed += 1  # what 3.11's wait_for does in a library now and then
+
+        task = asyncio.create_task(worker(), name="swallower")
+        await asyncio.sleep(0)
+        async with asyncio.timeout(10):
+            await cancel_and_wait(task, again_after=0.05)
+        return task.cancelled(), swallowed
+
+    assert asyncio.run(scenario()) == (True, 1)
+    assert "task swallower ran on after cancel()" in caplog.text
+
+
+def test_cancel_and_wait_raises_what_the_worker_raised() -> None:
+    async def scenario() -> None:
+        async def worker() -> None:
+            try:
+                await asyncio.sleep(30)
+            finally:
+                raise RuntimeError("failed while stopping")
+
+        task = asyncio.create_task(worker())
+        await asyncio.sleep(0)
+        await cancel_and_wait(task)
+
+    with pytest.raises(RuntimeError, match="failed while stopping"):
+        asyncio.run(scenario())
