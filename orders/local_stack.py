@@ -67,21 +67,29 @@ def _ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999
 
 
+_handed_out: set[int] = set()  # every port free_port returned in this process
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now.
+    """A TCP port on 127.0.0.1 that nothing listens on right now, and that this process was not given before.
 
     Chosen below the ephemeral range: a port from that range (what binding port 0 returns) can be taken
-    by any outgoing connection before the server that was given it binds it.
+    by any outgoing connection before the server that was given it binds it. Never the same one twice:
+    a port handed out but not yet bound by its server (three cluster nodes' route ports, chosen before the
+    first node starts) still looks free.
     """
     low = _ephemeral_ports()[0]
     for _ in range(200):
         port = random.randint(max(1024, low - 12000), low - 1)
+        if port in _handed_out:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        _handed_out.add(port)
+        return port
     with socket.socket() as sock:  # the range below is crowded: take one the kernel hands out
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])

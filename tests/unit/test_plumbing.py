@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from orders import consistency
+from orders import consistency, local_stack
 from orders.backoff import Backoff
 from orders.config import ConfigError, Settings
 from orders.events import EventContext, UndecodableEvent, build_event, parse_event
@@ -273,3 +273,10 @@ def test_cancel_and_wait_raises_what_the_worker_raised() -> None:
 
     with pytest.raises(RuntimeError, match="failed while stopping"):
         asyncio.run(scenario())
+
+
+def test_free_port_never_hands_out_a_port_twice() -> None:
+    # Nothing binds them here, so every one still looks free: only the memory of what was given keeps
+    # two servers started later from being given the same port.
+    ports = [local_stack.free_port() for _ in range(1000)]
+    assert len(set(ports)) == len(ports)
