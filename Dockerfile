@@ -1,4 +1,5 @@
-# One image for the three services: `orders command-service`, `orders query-service`, `orders projector`.
+# One image for the three services and the gateway: `orders command-service`, `orders query-service`,
+# `orders projector`, `orders gateway`.
 # BASE: any Debian-like image with python3 (3.11+) and its venv module, e.g. python:3.12-slim (the
 # default) or one built from Debian's packages (tests/containers builds one with debootstrap).
 ARG BASE=python:3.12-slim
@@ -18,6 +19,6 @@ COPY query_service ./query_service
 COPY projector ./projector
 RUN pip install --no-deps . && useradd --system --uid 10001 --no-create-home orders
 USER orders
-# CommandService, QueryService, AdminService; their metrics.
-EXPOSE 50051 50052 50053 9101 9102 9103
+# CommandService, QueryService, AdminService; their metrics; the gateway (HTTP).
+EXPOSE 50051 50052 50053 9101 9102 9103 8080
 ENTRYPOINT ["orders"]

@@ -1,5 +1,5 @@
-"""Write requirements.lock: the exact versions of the runtime dependencies (no extras) that the container
-image installs, resolved by pip in a fresh virtual environment.
+"""Write requirements.lock: the exact versions of the runtime dependencies that the container image
+installs (the project's and its `gateway` extra's), resolved by pip in a fresh virtual environment.
 
 Usage: python -m scripts.lock    (after changing pyproject.toml's dependencies; a unit test checks that
 every one of them is pinned within its bounds)
@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
+IMAGE_EXTRAS = "gateway"  # the image runs `orders gateway` too
 HEADER = "# Exact runtime dependencies of the container image; made by `python -m scripts.lock`, never edited.\n"
 
 
@@ -27,7 +28,7 @@ def write() -> None:
     with tempfile.TemporaryDirectory(prefix="orders-lock-") as tmp:
         venv.create(tmp, with_pip=True)
         pip = str(Path(tmp) / "bin" / "pip")
-        subprocess.run([pip, "install", "--quiet", str(ROOT)], check=True)
+        subprocess.run([pip, "install", "--quiet", f"{ROOT}[{IMAGE_EXTRAS}]"], check=True)
         frozen = subprocess.run([pip, "freeze", "--all"], check=True, capture_output=True, text=True).stdout
     ours = {"orders-cqrs", "pip", "setuptools", "wheel"}
     lines = sorted(line for line in frozen.splitlines() if "==" in line and normalized(line.split("==")[0]) not in ours)

@@ -105,8 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("create-roles", cmd_create_roles, "create one least-privilege PostgreSQL role per service (after migrate)")
     p = add("settings", cmd_settings, "every ORDERS_* variable's value and where it comes from (secrets masked)")
     p.add_argument("--defaults", action="store_true", help="list the defaults and what each variable means instead")
-    p = add("health", cmd_health, "exit 0 when the gRPC server at ADDRESS reports SERVING", local=False)
-    p.add_argument("address", help="HOST:PORT")
+    p = add(
+        "health",
+        cmd_health,
+        "exit 0 when the gRPC server at ADDRESS reports SERVING (or an http:// URL, the gateway's, answers 200)",
+        local=False,
+    )
+    p.add_argument("address", help="HOST:PORT, or http://HOST:PORT/api/health for the gateway")
     p.add_argument("--service", default="", help="a service's own status (default: the server's)")
     p.add_argument("--timeout", type=float, default=2.0)
 

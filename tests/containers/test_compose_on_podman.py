@@ -8,11 +8,13 @@ not root). `.ci/run` installs them from Debian's packages.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from orders.local_stack import free_port
 from orders.v1 import queries_pb2, queries_pb2_grpc
 from tests.containers import images
 from tests.containers.compose_podman import ComposeOnPodman, LocalImage, normalized, podman
+from tests.e2e.gateway_harness import Gateway
 from tests.fault.harness import INITIAL_STOCK, Client, Load, check_ledger, health, wait_for_commands, wait_verified
 from tests.pki import Pki, make_pki
 from tests.support import add_product, eventually, new_sku, verify_cli
@@ -44,8 +47,10 @@ SERVICES = {  # long-running service -> (host port variable of deploy/host-netwo
     "projector-p1": "HOST_PORT_PROJECTOR_P1",
 }
 DATABASES = ("postgres-write", "postgres-read", "postgres-read-replica")
+GATEWAY_PORT = "HOST_PORT_GATEWAY"
 PORT_VARIABLES = (
     *(f"HOST_PORT_{name}" for name in ("POSTGRES_WRITE", "POSTGRES_READ", "POSTGRES_REPLICA", "NATS", "NATS_MONITOR")),
+    GATEWAY_PORT,
     *(variable for port in SERVICES.values() for variable in (port, f"{port}_METRICS")),
 )
 
@@ -74,6 +79,10 @@ class Deployment:
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.env[SERVICES[service]]}"
+
+    @property
+    def gateway(self) -> Gateway:
+        return Gateway(self.settings, f"http://127.0.0.1:{self.env[GATEWAY_PORT]}", {})
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -182,7 +191,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 def test_every_service_healthy_over_tls_on_its_own_database_role(deployment: Deployment) -> None:
     runner = deployment.runner
     checked = {name for name, spec in runner.config["services"].items() if "healthcheck" in spec}
-    assert checked == {*SERVICES, *DATABASES, "nats"}
+    assert checked == {*SERVICES, *DATABASES, "nats", "gateway"}
     for service in sorted(checked):
         assert runner.healthy(service), runner.logs(service)  # the compose file's own probe, in the container
     for job in ("migrate", "create-roles"):
@@ -217,6 +226,21 @@ def test_place_order_token_read_on_primary_and_replica_then_verify(deployment: D
             )
             summary = queries_pb2_grpc.QueryServiceStub(channel).GetOrderSummary(request, metadata=metadata, timeout=10)
         assert (summary.summary.order_id, summary.summary.customer_id) == (placed.order_id, "container-customer")
+    # The same read through the gateway's HTTP/JSON, which reaches the services over mutual TLS; a bad
+    # command through it is refused with its field details.
+    gateway, token = deployment.gateway, deployment.settings.client_token
+    with urllib.request.urlopen(f"{gateway.url}/api/health", timeout=10) as response:
+        assert json.load(response) == {"command": "SERVING", "query": "SERVING", "admin": "SERVING"}
+    status, answer = gateway.rpc(
+        "QueryService/GetOrderSummary",
+        {"orderId": placed.order_id, "consistencyToken": placed.consistency_token},
+        token=token,
+    )
+    assert (status, answer["summary"]["customerId"]) == (200, "container-customer"), answer
+    status, answer = gateway.rpc(
+        "CommandService/PlaceOrder", {"requestId": str(uuid.uuid4()), "customerId": "", "lines": []}, token=token
+    )
+    assert (status, answer["code"]) == (400, "invalid_argument"), answer
     code, report = verify_cli(deployment.settings)
     assert (code, report["differences"]) == (0, []), report
     assert report["stream"]["messages"] >= 2 and not report["stream"]["undecodable"]

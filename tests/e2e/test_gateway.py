@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -249,3 +251,9 @@ def test_health_and_console_are_served(gateway: Gateway) -> None:
         page = response.read().decode()
     assert "<title>orders console</title>" in page
     eventually(lambda: urllib.request.urlopen(gateway.url + "/console.js", timeout=10).status == 200, timeout=10)
+    # `orders health URL`, the gateway container's probe: 0 while it answers, 1 where nothing listens.
+    for url, code in ((gateway.url + "/api/health", 0), (f"http://127.0.0.1:{local_stack.free_port()}/api/health", 1)):
+        probe = subprocess.run(
+            [sys.executable, "-m", "orders.cli", "health", url], capture_output=True, text=True, timeout=60
+        )
+        assert (probe.returncode, probe.stdout.strip()) == (code, f"{url}: {'OK' if code == 0 else 'no answer'}")

@@ -86,7 +86,7 @@ def test_compose_runs_real_cli_commands_and_nats_config_is_valid() -> None:
 
     compose = (ROOT / "docker-compose.yml").read_text()
     commands = re.findall(r'command: \["([a-z-]+)"\]', compose)
-    assert set(commands) == {"migrate", "create-roles", "command-service", "query-service", "projector"}
+    assert set(commands) == {"migrate", "create-roles", "command-service", "query-service", "projector", "gateway"}
     for command in commands:
         build_parser().parse_args([command])
     health_checks = re.findall(r'"orders", "health", "([0-9.:]+)"', compose)
@@ -153,6 +153,7 @@ def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() ->
         "query-service-replica",
         "projector",
         "projector-p1",
+        "gateway",
     }
     dockerfile = (ROOT / "Dockerfile").read_text()
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -161,7 +162,7 @@ def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() ->
     assert "pip install --no-deps -r requirements.lock" in dockerfile  # exact versions, nothing resolved
     exposed = {int(port) for port in re.findall(r"^EXPOSE (.+)$", dockerfile, re.M)[0].split()}
     for setting in ("COMMAND_ADDR", "QUERY_ADDR", "ADMIN_ADDR", "COMMAND_METRICS_ADDR", "QUERY_METRICS_ADDR",
-                    "PROJECTOR_METRICS_ADDR"):  # fmt: skip
+                    "PROJECTOR_METRICS_ADDR", "GATEWAY_ADDR"):  # fmt: skip
         port = re.search(rf"ORDERS_{setting}: 0\.0\.0\.0:(\d+)", compose.read_text())
         assert port and int(port.group(1)) in exposed, setting
 
@@ -172,13 +173,16 @@ def test_lock_file_pins_every_runtime_dependency_within_its_bounds() -> None:
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
+    from scripts.lock import IMAGE_EXTRAS
+
     pins = {}
     for line in (ROOT / "requirements.lock").read_text().splitlines():
         if line and not line.startswith("#"):
             name, _, version = line.partition("==")
             assert version, f"requirements.lock: {line!r} is not an exact pin"
             pins[canonicalize_name(name)] = version
-    for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for spec in project["dependencies"] + project["optional-dependencies"][IMAGE_EXTRAS]:
         requirement = Requirement(spec)
         name = canonicalize_name(requirement.name)
         assert name in pins, f"{name} is not in requirements.lock: run python -m scripts.lock"
