@@ -4,7 +4,6 @@ image as BASE), and stand-ins for the compose file's postgres and nats images on
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
@@ -24,21 +23,16 @@ PACKAGES = "python3,python3-venv,ca-certificates,wget"
 
 
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-# The packages debootstrap downloads, kept from run to run (it checks each against the mirror's index
-# before using it): later runs fetch only the index and what changed.
-PACKAGE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orders-tests" / "debootstrap"
 
 
 def build_base(tag: str) -> None:
     """A minimal Debian (debootstrap's minbase) with PACKAGES, imported as the image tag. It trusts the
     certificate authorities the host trusts (the host's bundle replaces Debian's), so that pip in the
     builds on it gets through whatever TLS proxy the host's own pip gets through."""
-    PACKAGE_CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="orders-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        options = ["--variant=minbase", f"--include={PACKAGES}", f"--cache-dir={PACKAGE_CACHE}"]
         made = subprocess.run(
-            ["debootstrap", *options, SUITE, str(rootfs), MIRROR],
+            ["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, str(rootfs), MIRROR],
             capture_output=True,
             text=True,
             timeout=900,
