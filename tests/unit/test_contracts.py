@@ -117,6 +117,8 @@ COMPOSE_SECRETS = {
 def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() -> None:
     import tomllib
 
+    import yaml
+
     docker_compose = shutil.which("docker-compose")
     if docker_compose is None:
         pytest.skip("docker-compose not installed (Debian package docker-compose; .ci/run installs it)")
@@ -134,6 +136,13 @@ def test_docker_compose_accepts_the_compose_file_and_the_image_runs_the_cli() ->
         check=True,
         env=env,
     )
+    rendered = subprocess.run(
+        [docker_compose, "-f", str(compose), "config"], capture_output=True, text=True, check=True, env=env
+    )
+    gateway = yaml.safe_load(rendered.stdout)["services"]["gateway"]["environment"]
+    assert "ORDERS_CLIENT_CA_FILE" in gateway and not [  # the probes' TLS files, and not one secret
+        name for name, value in gateway.items() if any(secret in str(value) for secret in COMPOSE_SECRETS.values())
+    ]
     missing = subprocess.run(
         [docker_compose, "-f", str(compose), "config", "-q"],
         capture_output=True,
